@@ -1,0 +1,3 @@
+from clipexport.cli import main
+
+main()

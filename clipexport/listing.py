@@ -1,0 +1,23 @@
+"""Which open_clip models each recipe covers, and why the others are not covered."""
+
+from __future__ import annotations
+
+from clipexport.models.architecture import families_of
+from clipexport.recipes import Recipe, load_recipes, unsupported_reason
+
+
+def coverage() -> tuple[list[tuple[Recipe, list[str]]], list[tuple[str, str]]]:
+    """([(recipe, [model names])], [(model name, reason unsupported)]) over open_clip.list_models()."""
+    import open_clip
+
+    recipes = list(load_recipes().values())
+    covered: dict[str, list[str]] = {r.name: [] for r in recipes}
+    unsupported: list[tuple[str, str]] = []
+    for name in open_clip.list_models():
+        families = families_of(open_clip.get_model_config(name))
+        match = next((r for r in recipes if r.covers(families)), None)
+        if match is None:
+            unsupported.append((name, unsupported_reason(families)))
+        else:
+            covered[match.name].append(name)
+    return [(r, covered[r.name]) for r in recipes], unsupported

@@ -1,0 +1,220 @@
+"""Build the open_clip PyTorch reference from a model name and `--pretrained`, offline where possible.
+
+Model names: open_clip's built-in names (`ViT-B-32`; `ViT-B/32` as OpenAI writes it), or
+`local-dir:PATH`, a directory holding `open_clip_config.json` (and optionally weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from clipexport.errors import UnknownModelError, WeightsError
+from clipexport.models.architecture import Families, families_of
+from clipexport.models.weights import FILE, RANDOM, TAG, WeightsSpec, parse_pretrained
+
+LOCAL_DIR = "local-dir:"
+OFFLINE_HINT = (
+    "Offline, build with `--pretrained none` (seeded random weights) or "
+    "`--pretrained PATH` (a local .pt/.bin/.safetensors checkpoint)."
+)
+
+
+def canonical_name(name: str) -> str:
+    """Resolve a user's model name to open_clip's, or raise with the closest matches."""
+    import open_clip
+
+    if name.startswith(LOCAL_DIR):
+        directory = Path(name[len(LOCAL_DIR):]).expanduser()
+        if not (directory / "open_clip_config.json").is_file():
+            raise UnknownModelError(f"{name}: no open_clip_config.json in {directory}")
+        return LOCAL_DIR + str(directory.resolve())
+    if name.startswith("hf-hub:"):
+        raise WeightsError(
+            f"{name}: hf-hub models are read from the Hugging Face hub. Download the repository "
+            "(open_clip_config.json and weights) and build it with `local-dir:PATH` instead."
+        )
+    known = open_clip.list_models()
+    candidates = [name, name.replace("/", "-")]
+    for candidate in candidates:
+        if candidate in known:
+            return candidate
+    lowered = {m.lower(): m for m in known}
+    for candidate in candidates:
+        if candidate.lower() in lowered:
+            return lowered[candidate.lower()]
+    close = difflib.get_close_matches(name.replace("/", "-"), known, n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise UnknownModelError(f"unknown model {name!r}.{hint} Run `clipexport list` to see every model.")
+
+
+def model_config(name: str) -> dict[str, Any]:
+    """open_clip's config dict of a canonical model name."""
+    import open_clip
+
+    if name.startswith(LOCAL_DIR):
+        path = Path(name[len(LOCAL_DIR):]) / "open_clip_config.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UnknownModelError(f"{path}: cannot read open_clip config: {exc}") from None
+        cfg = data.get("model_cfg", data)
+        if not isinstance(cfg, dict) or "vision_cfg" not in cfg or "text_cfg" not in cfg:
+            raise UnknownModelError(f"{path}: not an open_clip config (needs vision_cfg and text_cfg)")
+        return cfg
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise UnknownModelError(f"unknown model {name!r}")
+    return cfg
+
+
+def known_tags(name: str) -> list[str]:
+    import open_clip
+
+    if name.startswith(LOCAL_DIR):
+        return []
+    return list(open_clip.list_pretrained_tags_by_model(name))
+
+
+def default_pretrained(name: str) -> str:
+    """What a build uses when `--pretrained` is not given: the model's first published tag."""
+    tags = known_tags(name)
+    if name.startswith(LOCAL_DIR):
+        return "none"
+    if not tags:
+        raise WeightsError(f"{name} has no published weights: pass --pretrained none or --pretrained PATH")
+    return tags[0]
+
+
+@dataclass
+class ReferenceModel:
+    """The PyTorch reference of one build: the open_clip model and what it was built from."""
+
+    name: str
+    model: Any  # open_clip CLIP / CustomTextCLIP, in eval mode
+    model_cfg: dict[str, Any]
+    families: Families
+    weights: WeightsSpec
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model_cfg["text_cfg"].get("context_length", 77))
+
+    def preprocess_config(self) -> dict[str, Any]:
+        """What the runtime needs to preprocess images exactly as open_clip does for these weights."""
+        from open_clip.model import get_model_preprocess_cfg
+
+        cfg = dict(get_model_preprocess_cfg(self.model))
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+    def tokenizer(self) -> Any:
+        import open_clip
+
+        return open_clip.get_tokenizer(self.name)
+
+
+@contextlib.contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    """open_clip logs 'initialized randomly' through the root logger; we already say what we load."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def load_reference(name: str, pretrained: str | None = None, seed: int = 0) -> ReferenceModel:
+    """Build the open_clip reference in eval mode on the CPU, in fp32.
+
+    pretrained: `none` (seeded random weights), an open_clip tag (downloads, or the local
+    hub cache), or a checkpoint file; None picks the model's default.
+    """
+    import open_clip
+    import torch
+
+    name = canonical_name(name)
+    cfg = model_config(name)
+    families = families_of(cfg)
+    weights = parse_pretrained(pretrained or default_pretrained(name), seed, known_tags(name), name)
+    notes: list[str] = []
+    kwargs: dict[str, Any] = {}
+    if weights.kind == TAG:
+        tag_cfg = open_clip.get_pretrained_cfg(name, weights.value)
+        if tag_cfg.get("quick_gelu", False) and not cfg.get("quick_gelu", False):
+            # open_clip only warns here; the weights were trained with QuickGELU, so use it.
+            kwargs["force_quick_gelu"] = True
+            notes.append(f"{weights.value} weights were trained with QuickGELU: building {name} with QuickGELU")
+
+    # fork_rng: seeding for the init must not change the caller's random stream.
+    with torch.random.fork_rng(devices=[]), _quiet_open_clip(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.manual_seed(seed)
+        try:
+            if weights.kind == TAG:
+                model = open_clip.create_model(name, pretrained=weights.value, **kwargs)
+            else:
+                model = open_clip.create_model(name, pretrained=None, load_weights=False)
+        except RuntimeError as exc:
+            if weights.kind == TAG and "download" in str(exc).lower():
+                raise WeightsError(
+                    f"{name} --pretrained {weights.value}: the weights must be downloaded and could not be "
+                    f"({_first_line(exc)}). {OFFLINE_HINT}"
+                ) from None
+            raise
+    if weights.kind == FILE:
+        _load_checkpoint(model, weights, name)
+    model.eval().requires_grad_(False)
+    if weights.kind == RANDOM:
+        notes.append(f"random weights (seed {seed}): embeddings carry no meaning, parity still does")
+    return ReferenceModel(name=name, model=model, model_cfg=cfg, families=families, weights=weights, notes=notes)
+
+
+def _load_checkpoint(model: Any, weights: WeightsSpec, name: str) -> None:
+    """Load a local checkpoint strictly and safely (weights_only: no pickled code runs)."""
+    import open_clip
+
+    path = weights.value
+    try:
+        with _quiet_open_clip():
+            open_clip.load_checkpoint(model, path, strict=True, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every failure here is about the user's file
+        text = str(exc)
+        if "Error(s) in loading state_dict" in text:
+            missing = len(_keys_after(text, "Missing key(s) in state_dict:"))
+            unexpected = len(_keys_after(text, "Unexpected key(s) in state_dict:"))
+            mismatched = text.count("size mismatch for")
+            raise WeightsError(
+                f"checkpoint {path} does not fit {name}: {missing} missing keys, {unexpected} unexpected keys, "
+                f"{mismatched} shape mismatches. Is it a checkpoint of another architecture?"
+            ) from None
+        if "weights_only" in text or "Unsupported global" in text:
+            raise WeightsError(
+                f"checkpoint {path} holds pickled objects beyond tensors; clipexport loads weights only "
+                "(no pickled code). Re-save it as a plain state dict or as .safetensors."
+            ) from None
+        raise WeightsError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+
+
+def _keys_after(text: str, marker: str) -> list[str]:
+    if marker not in text:
+        return []
+    segment = text.split(marker, 1)[1].split(".\n", 1)[0].split(". ", 1)[0]
+    return [k for k in segment.split(",") if k.strip()]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
