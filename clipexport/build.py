@@ -37,6 +37,7 @@ from clipexport.models.open_clip_source import (
 )
 from clipexport.models.weights import FILE, parse_pretrained
 from clipexport.progress import Progress
+from clipexport.tokenizer_assets import write_tokenizer_assets
 from clipexport.recipes import TOWERS, BatchRange, Recipe, Tolerance, TowerSpec, recipe_for
 from clipexport.verify import OnnxRuntimeCandidate, TowerParity, check_tower, image_inputs, text_inputs
 
@@ -187,13 +188,19 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 "parity": parity.to_json(),
                 "seconds": round(time.perf_counter() - tower_start, 2),
             }
+        if "text" in plan.towers:
+            tokenizer, written = write_tokenizer_assets(ref.model_cfg["text_cfg"], staging.path)
+            files.update({name: file_sha256(staging.path / name) for name in written})
+        else:
+            tokenizer = {"context_length": ref.context_length}
         failed = [p for p in parities.values() if not p.passed]
         if failed and not options.accept_parity_failure:
             raise ParityError(
                 "parity outside the recipe's tolerance; nothing was written:\n  "
                 + "\n  ".join(p.summary() for p in failed)
             )
-        manifest = _manifest(ref, plan, options, towers_json, files, sizes, time.perf_counter() - started, failed)
+        manifest = _manifest(ref, plan, options, towers_json, files, tokenizer, sizes,
+                             time.perf_counter() - started, failed)
         write_manifest(staging.path, manifest)
         staging.commit()
     progress.say(f"wrote {plan.out} in {time.perf_counter() - started:.1f}s")
@@ -206,6 +213,7 @@ def _manifest(
     options: BuildOptions,
     towers: dict[str, Any],
     files: dict[str, str],
+    tokenizer: dict[str, Any],
     parity_batches: list[int],
     seconds: float,
     failed: list[TowerParity],
@@ -224,7 +232,7 @@ def _manifest(
         "opset": plan.recipe.opset,
         "batch": {"min": plan.batch.min, "opt": plan.batch.opt, "max": plan.batch.max},
         "preprocess": ref.preprocess_config(),
-        "tokenizer": {"context_length": ref.context_length},
+        "tokenizer": tokenizer,
         "versions": library_versions(),
         "parity_batch_sizes": parity_batches,
         "parity_accepted_by_user": bool(failed),

@@ -125,7 +125,7 @@ class _Table:
     def done(self) -> None:
         extra = sorted(set(self.data) - self.seen)
         if extra:
-            raise self._err(f"unknown key {self.where}{extra[0]!r}")
+            raise self._err(f"unknown key '{self.where}{extra[0]}'")
 
 
 def _type_names(kind: type | tuple[type, ...]) -> str:

@@ -1,0 +1,40 @@
+"""Copy what a tokenizer needs into the artifact, so a runtime never needs open_clip or the hub."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from clipexport.errors import UnsupportedModelError
+
+TOKENIZER_DIR = "tokenizer"
+CLIP_BPE_VOCAB = "bpe_simple_vocab_16e6.txt.gz"
+
+
+def write_tokenizer_assets(text_cfg: dict[str, Any], directory: Path) -> tuple[dict[str, Any], list[str]]:
+    """Write the tokenizer files under `directory/tokenizer/`.
+
+    Returns the manifest's `tokenizer` section and the written paths (relative to `directory`).
+    """
+    if text_cfg.get("hf_tokenizer_name"):
+        raise UnsupportedModelError(
+            f"Hugging Face tokenizer {text_cfg['hf_tokenizer_name']!r}: not supported by this version"
+        )
+    import open_clip.tokenizer as oc_tokenizer
+
+    source = Path(oc_tokenizer.__file__).with_name(CLIP_BPE_VOCAB)
+    target_dir = directory / TOKENIZER_DIR
+    target_dir.mkdir(exist_ok=True)
+    shutil.copyfile(source, target_dir / CLIP_BPE_VOCAB)
+    vocab = f"{TOKENIZER_DIR}/{CLIP_BPE_VOCAB}"
+    section = {
+        "kind": "clip-bpe",
+        "context_length": int(text_cfg.get("context_length", 77)),
+        "vocab": vocab,
+        # e.g. {"clean": "canonicalize"} for some configs: the runtime must clean text the same way
+        "kwargs": dict(text_cfg.get("tokenizer_kwargs", {})),
+        "sot_token_id": 49406,
+        "eot_token_id": 49407,
+    }
+    return section, [vocab]

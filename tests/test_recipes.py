@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from clipexport.errors import RecipeError, UnsupportedModelError, UsageError
+from clipexport.models.architecture import Families, families_of
+from clipexport.recipes import BatchRange, load_recipe, load_recipes, recipe_for, recipes_dir
+from twins import TWINS
+
+VALID = (recipes_dir() / "vit.toml").read_text()
+
+
+def test_every_recipe_has_a_twin():
+    assert sorted(load_recipes()) == sorted(TWINS), "each recipe needs a tiny twin in tests/twins.py"
+
+
+@pytest.mark.parametrize("recipe", sorted(TWINS))
+def test_twin_resolves_to_its_recipe(recipe):
+    assert recipe_for(families_of(TWINS[recipe]), "twin").name == recipe
+
+
+def test_recipes_load_with_fp32_tolerance_of_the_issue():
+    for recipe in load_recipes().values():
+        tol = recipe.tolerance("fp32")
+        assert tol.cosine_min >= 0.99999 and tol.max_rel_err <= 1e-4
+        assert recipe.towers["text"].input_dtype in ("int64", "int32")
+        assert 1 in recipe.parity_batch_sizes
+        assert any(b & (b - 1) for b in recipe.parity_batch_sizes), "needs a non-power-of-two batch"
+
+
+def _write(tmp_path: Path, text: str, name: str = "vit") -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.replace("opset = 18", "opset = 18\nopsett = 3"), "unknown key 'export.opsett'"),
+        (lambda t: t.replace('output_name = "image_embeds"\n', ""), "missing key 'towers.image.output_name'"),
+        (lambda t: t.replace('input_dtype = "float32"', 'input_dtype = "float16x"'), "input_dtype 'float16x'"),
+        (lambda t: t.replace("opt = 8", "opt = 100"), "MIN <= OPT <= MAX"),
+        (lambda t: t.replace("opset = 18", 'opset = "18"'), "expected int"),
+        (lambda t: t.replace("cosine_min = 0.99999", "cosine_min = 1.5"), "cosine_min"),
+        (lambda t: t.replace("[towers.text]", "[towers.audio]"), "unknown tower 'towers.audio'"),
+        (lambda t: t.replace('["batch", 3,', '[3, "batch",'), "must start with 'batch'"),
+        (lambda t: t + "\n[", "cannot read recipe"),
+    ],
+)
+def test_malformed_recipe_names_file_and_key(tmp_path, edit, message):
+    path = _write(tmp_path, edit(VALID))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_recipe_name_must_match_file(tmp_path):
+    with pytest.raises(RecipeError, match="must equal the file name"):
+        load_recipe(_write(tmp_path, VALID, name="other"))
+
+
+def test_two_recipes_for_the_same_family_is_an_error(tmp_path):
+    _write(tmp_path, VALID)
+    _write(tmp_path, VALID.replace('name = "vit"', 'name = "vit2"'), name="vit2")
+    with pytest.raises(RecipeError, match="match the same families"):
+        load_recipes(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["0:1:1", "8:4:2", "1:8", "a:b:c", "1:-2:3"])
+def test_bad_batch_ranges_are_refused(text):
+    with pytest.raises(UsageError):
+        BatchRange.parse(text)
+
+
+def test_batch_range_parses():
+    assert BatchRange.parse("1:8:64") == BatchRange(1, 8, 64)
+
+
+@pytest.mark.parametrize(
+    "model, family",
+    [("ViT-B-32", "vit"), ("ViT-L-14-336-quickgelu", "vit"), ("RN50x64", "modified_resnet"), ("RN101", "modified_resnet")],
+)
+def test_builtin_models_map_to_their_recipe(model, family):
+    import open_clip
+
+    assert recipe_for(families_of(open_clip.get_model_config(model)), model).name == family
+
+
+@pytest.mark.parametrize(
+    "model, reason",
+    [
+        ("convnext_base", "timm"),
+        ("xlm-roberta-base-ViT-B-32", "Hugging Face"),
+        ("coca_ViT-B-32", "CoCa"),
+    ],
+)
+def test_unsupported_models_say_why(model, reason):
+    import open_clip
+
+    with pytest.raises(UnsupportedModelError, match=reason):
+        recipe_for(families_of(open_clip.get_model_config(model)), model)
+
+
+def test_listing_counts_both_families():
+    from clipexport.listing import coverage
+
+    covered, unsupported = coverage()
+    counts = {recipe.name: len(models) for recipe, models in covered}
+    assert counts["modified_resnet"] == 10  # RN50, RN101, RN50x4, x16, x64, each with -quickgelu
+    assert counts["vit"] >= 40 and "ViT-L-14-336" in dict((r.name, m) for r, m in covered)["vit"]
+    assert all(reason for _, reason in unsupported)
+    assert Families("timm", "text-transformer", False).describe().startswith("image=timm")
