@@ -200,12 +200,14 @@ def _load_checkpoint(model: Any, weights: WeightsSpec, name: str) -> None:
                 f"checkpoint {path} does not fit {name}: {missing} missing keys, {unexpected} unexpected keys, "
                 f"{mismatched} shape mismatches. Is it a checkpoint of another architecture?"
             ) from None
-        if "weights_only" in text or "Unsupported global" in text:
+        if "Unsupported global" in text:
             raise WeightsError(
                 f"checkpoint {path} holds pickled objects beyond tensors; clipexport loads weights only "
                 "(no pickled code). Re-save it as a plain state dict or as .safetensors."
             ) from None
-        raise WeightsError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+        # torch wraps any unpickling failure in a long "Weights only load failed" text; keep the cause.
+        cause = text.split("WeightsUnpickler error:", 1)[1].strip() if "WeightsUnpickler error:" in text else text
+        raise WeightsError(f"cannot read checkpoint {path}: {_first_line(RuntimeError(cause))}") from None
 
 
 def _keys_after(text: str, marker: str) -> list[str]:
