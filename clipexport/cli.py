@@ -161,6 +161,65 @@ def verify(directory: Path, files_only: bool, quiet: bool) -> None:
     click.echo(f"ok: {len(result['files'])} files match their sha256; parity: {towers}")
 
 
+@cli.command()
+@click.argument("target", metavar="DIR_OR_MODEL")
+@click.option("--backends", default="torch,onnxruntime", show_default=True,
+              help="Comma-separated: torch, torch-compile, onnxruntime, tensorrt. Unavailable ones are "
+                   "reported as skipped with the reason.")
+@click.option("--batch", "batches", default="1,8,32", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--tower", type=click.Choice(["image", "text", "both"]), default="both", show_default=True)
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs before timing.")
+@click.option("--iters", type=int, default=10, show_default=True, help="Timed runs per backend and batch.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--pretrained", default="none", show_default=True,
+              help="When DIR_OR_MODEL is a model name: the weights of the fp32 artifact built first.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench-report"), show_default=True,
+              metavar="DIR", help="Where report.json, report.md and latency.png go.")
+def bench(target: str, backends: str, batches: str, tower: str, warmup: int, iters: int, device: str,
+          pretrained: str, out: Path) -> None:
+    """Measure latency and throughput of an artifact's towers per backend and batch size.
+
+    \b
+    DIR_OR_MODEL is an artifact directory, or a model name: then an fp32 artifact is
+    built first in a temporary directory. All backends run in this one process on the
+    same inputs, with warm-up and GPU synchronization; the report adds FLOPs per item and
+    the fraction of a large GEMM's FLOP/s measured in the same run.
+
+    \b
+    Example:
+      clipexport bench engines/ViT-B-32-none-fp32 --batch 1,8 --backends torch,onnxruntime
+    """
+    import tempfile
+
+    from clipexport.bench import BenchConfig, run_bench, write_report
+    from clipexport.progress import Progress
+
+    progress = Progress()
+    try:
+        config = BenchConfig(
+            backends=[b.strip() for b in backends.split(",") if b.strip()],
+            batches=[int(b) for b in batches.split(",") if b.strip()],
+            towers=["image", "text"] if tower == "both" else [tower],
+            warmup=warmup, iters=iters, device=device,
+        )
+        with tempfile.TemporaryDirectory(prefix="clipexport-bench-") as tmp:
+            directory = Path(target)
+            if not (directory / "manifest.json").is_file():
+                from clipexport.build import BuildOptions
+                from clipexport.build import build as run_build
+
+                directory = run_build(BuildOptions(model=target, pretrained=pretrained, towers=config.towers,
+                                                   out=Path(tmp) / "artifact"), progress).out_dir
+            report = run_bench(directory, config, progress)
+            paths = write_report(report, out)
+    except ValueError as exc:
+        _fail(ClipExportError(f"--batch: {exc}"))
+    except ClipExportError as exc:
+        _fail(exc)
+    for kind, path in paths.items():
+        click.echo(f"{kind}: {path}")
+
+
 def main() -> None:
     cli(prog_name="clipexport")
 
