@@ -41,7 +41,8 @@ def canonical_name(name: str) -> str:
             "(open_clip_config.json and weights) and build it with `local-dir:PATH` instead."
         )
     known = open_clip.list_models()
-    candidates = [name, name.replace("/", "-")]
+    # OpenAI writes ViT-B/32 and ViT-L/14@336px where open_clip writes ViT-B-32 and ViT-L-14-336.
+    candidates = [name, name.replace("/", "-").replace("@336px", "-336")]
     for candidate in candidates:
         if candidate in known:
             return candidate
@@ -151,12 +152,15 @@ def load_reference(name: str, pretrained: str | None = None, seed: int = 0) -> R
     weights = parse_pretrained(pretrained or default_pretrained(name), seed, known_tags(name), name)
     notes: list[str] = []
     kwargs: dict[str, Any] = {}
-    if weights.kind == TAG:
-        tag_cfg = open_clip.get_pretrained_cfg(name, weights.value)
-        if tag_cfg.get("quick_gelu", False) and not cfg.get("quick_gelu", False):
-            # open_clip only warns here; the weights were trained with QuickGELU, so use it.
-            kwargs["force_quick_gelu"] = True
-            notes.append(f"{weights.value} weights were trained with QuickGELU: building {name} with QuickGELU")
+    wants_quick_gelu = (
+        weights.kind == TAG and open_clip.get_pretrained_cfg(name, weights.value).get("quick_gelu", False)
+    ) or (weights.kind == FILE and is_torchscript_archive(Path(weights.value)))
+    if wants_quick_gelu and not cfg.get("quick_gelu", False):
+        # open_clip only warns when QuickGELU weights meet a GELU config; the numbers would be wrong.
+        kwargs["force_quick_gelu"] = True
+        source = "OpenAI's TorchScript checkpoint" if weights.kind == FILE else f"the {weights.value} weights"
+        notes.append(f"{source} need QuickGELU: building {name} with QuickGELU (as {name}-quickgelu)")
+        cfg = {**cfg, "quick_gelu": True}
 
     # fork_rng: seeding for the init must not change the caller's random stream.
     with torch.random.fork_rng(devices=[]), _quiet_open_clip(), warnings.catch_warnings():
@@ -166,7 +170,7 @@ def load_reference(name: str, pretrained: str | None = None, seed: int = 0) -> R
             if weights.kind == TAG:
                 model = open_clip.create_model(name, pretrained=weights.value, **kwargs)
             else:
-                model = open_clip.create_model(name, pretrained=None, load_weights=False)
+                model = open_clip.create_model(name, pretrained=None, load_weights=False, **kwargs)
         except RuntimeError as exc:
             if weights.kind == TAG and "download" in str(exc).lower():
                 raise WeightsError(
@@ -188,8 +192,11 @@ def _load_checkpoint(model: Any, weights: WeightsSpec, name: str) -> None:
 
     path = weights.value
     try:
-        with _quiet_open_clip():
-            open_clip.load_checkpoint(model, path, strict=True, weights_only=True)
+        if is_torchscript_archive(Path(path)):
+            _load_torchscript_weights(model, Path(path))
+        else:
+            with _quiet_open_clip():
+                open_clip.load_checkpoint(model, path, strict=True, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every failure here is about the user's file
         text = str(exc)
         if "Error(s) in loading state_dict" in text:
@@ -208,6 +215,31 @@ def _load_checkpoint(model: Any, weights: WeightsSpec, name: str) -> None:
         # torch wraps any unpickling failure in a long "Weights only load failed" text; keep the cause.
         cause = text.split("WeightsUnpickler error:", 1)[1].strip() if "WeightsUnpickler error:" in text else text
         raise WeightsError(f"cannot read checkpoint {path}: {_first_line(RuntimeError(cause))}") from None
+
+
+def is_torchscript_archive(path: Path) -> bool:
+    """OpenAI's released .pt files are TorchScript archives (a zip holding code/ and constants.pkl)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in archive.namelist())
+
+
+def _load_torchscript_weights(model: Any, path: Path) -> None:
+    """Take only the tensors out of a TorchScript archive (TorchScript, not pickled Python, is read)."""
+    import torch
+
+    scripted = torch.jit.load(str(path), map_location="cpu")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in scripted.state_dict().items()}
+    for key in ("input_resolution", "context_length", "vocab_size"):  # metadata, not weights
+        state.pop(key, None)
+    # TorchScript also saves non-persistent buffers (the causal attention mask): not weights either
+    expected = model.state_dict().keys()
+    for key in [k for k, _ in model.named_buffers() if k not in expected]:
+        state.pop(key, None)
+    model.load_state_dict(state, strict=True)
 
 
 def _keys_after(text: str, marker: str) -> list[str]:
