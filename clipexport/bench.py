@@ -205,7 +205,11 @@ def _backend_runner(backend: str, module: Any, onnx_path: Path, input_name: str,
         session = ort.InferenceSession(str(onnx_path), providers=[wanted])
         if session.get_providers()[0] != wanted:
             return f"onnxruntime fell back to {session.get_providers()[0]}"
-        feeds = {input_name: batch_input.numpy()}
+        # feed the dtype the graph declares (an fp16 graph may take fp16 pixels)
+        declared = session.get_inputs()[0].type  # e.g. "tensor(float16)"
+        dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+                  "tensor(int32)": np.int32}
+        feeds = {input_name: batch_input.numpy().astype(dtypes.get(declared, np.float32), copy=False)}
         return (lambda: session.run(None, feeds)), (lambda: None)
     if backend == "tensorrt":
         try:
