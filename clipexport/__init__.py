@@ -12,6 +12,7 @@ from clipexport.errors import (  # noqa: E402
     ArtifactError,
     ClipExportError,
     ExportError,
+    InputError,
     ParityError,
     RecipeError,
     UnknownModelError,
@@ -20,11 +21,26 @@ from clipexport.errors import (  # noqa: E402
     WeightsError,
 )
 
+# The runtime (numpy, Pillow, onnxruntime) loads on first use of these names, not on `import clipexport`.
+_LAZY = {"load": "clipexport.runtime", "Runtime": "clipexport.runtime"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'clipexport' has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
+    "load",
+    "Runtime",
     "ArtifactError",
     "ClipExportError",
     "ExportError",
+    "InputError",
     "ParityError",
     "RecipeError",
     "UnknownModelError",

@@ -24,7 +24,7 @@ from clipexport.artifacts import (
     tensor_infos,
     write_manifest,
 )
-from clipexport.errors import ParityError, UsageError, WeightsError
+from clipexport.errors import ClipExportError, ParityError, UsageError, WeightsError
 from clipexport.hashing import file_sha256
 from clipexport.models.architecture import families_of
 from clipexport.models.open_clip_source import (
@@ -35,13 +35,15 @@ from clipexport.models.open_clip_source import (
     load_reference,
     model_config,
 )
-from clipexport.models.weights import FILE, parse_pretrained
+from clipexport.models.weights import FILE, RANDOM, parse_pretrained
 from clipexport.progress import Progress
 from clipexport.tokenizer_assets import write_tokenizer_assets
 from clipexport.recipes import TOWERS, BatchRange, Recipe, Tolerance, TowerSpec, recipe_for
-from clipexport.verify import OnnxRuntimeCandidate, TowerParity, check_tower, image_inputs, text_inputs
+from clipexport.verify import IsolatedOnnxRuntimeCandidate, TowerParity, check_tower, image_inputs, text_inputs
 
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+# Precisions whose graphs need calibration inputs (fp16: range guard; int8/fp8: activation scales).
+CALIBRATED = ("fp16", "int8", "fp8")
 
 
 @dataclass
@@ -54,8 +56,16 @@ class BuildOptions:
     out: Path | None = None  # None: engines/<MODEL>-<pretrained>-<precision>
     force: bool = False
     seed: int = 0
-    disabled_passes: Sequence[str] = ()
+    disabled_passes: Sequence[str] = ()  # pass names; "fuse_attention" also exports attention unfused
     accept_parity_failure: bool = False
+    calibration_images: Path | None = None  # folder of images for int8/fp8/fp16 calibration
+    calibration_prompts: Path | None = None  # text file, one prompt per line
+    # TensorRT engines (clipexport.trt): "auto" builds them when TensorRT and a GPU are here.
+    backend: str = "auto"  # auto | onnxruntime | tensorrt
+    no_rebuild: bool = False  # reuse the engines in --out (with --force) or fail; never build
+    builder_memory_limit: int | None = None  # bytes of TensorRT's workspace pool
+    builder_optimization_level: int | None = None  # TensorRT builder optimization level 0..5
+    timing_cache: Path | None = None  # None: the per-TensorRT/GPU cache under ~/.cache/clipexport
 
 
 @dataclass
@@ -74,10 +84,17 @@ class _Plan:
     towers: tuple[str, ...]
     batch: BatchRange
     out: Path
+    engines: Any = None  # clipexport.trt.pipeline.BackendChoice
 
 
 def plan_build(options: BuildOptions) -> _Plan:
     """Validate the request up front: bad input fails here, before any work or any file."""
+    from clipexport.trt.builder import EngineBuildOptions
+    from clipexport.trt.pipeline import resolve_backend
+
+    # --backend tensorrt without TensorRT or a GPU fails here, before anything is loaded.
+    engines = resolve_backend(options.backend)
+    EngineBuildOptions(options.builder_memory_limit, options.builder_optimization_level)  # range checks
     name = canonical_name(options.model)
     recipe = recipe_for(families_of(model_config(name)), name)
     if options.precision not in PRECISIONS:
@@ -87,10 +104,16 @@ def plan_build(options: BuildOptions) -> _Plan:
     bad = [t for t in towers if t not in recipe.towers]
     if bad or not towers:
         raise UsageError(f"--towers: unknown tower {bad[0] if bad else '(none)'}; choose from {', '.join(recipe.towers)}")
+    from clipexport.passes import pass_names
+
+    unknown_passes = sorted(set(options.disabled_passes) - set(pass_names()))
+    if unknown_passes:
+        raise UsageError(f"unknown pass {unknown_passes[0]!r}; passes are: {', '.join(pass_names())}")
     weights = parse_pretrained(options.pretrained or default_pretrained(name), options.seed, known_tags(name), name)
     out = options.out or default_out_dir(name, weights.label, options.precision)
     check_out_dir(out, options.force)
-    return _Plan(name=name, recipe=recipe, towers=towers, batch=options.batch or recipe.batch, out=out)
+    return _Plan(name=name, recipe=recipe, towers=towers, batch=options.batch or recipe.batch, out=out,
+                 engines=engines)
 
 
 def parity_batch_sizes(recipe: Recipe, batch: BatchRange) -> list[int]:
@@ -114,6 +137,42 @@ def _tower_module(ref: ReferenceModel, tower: str) -> Any:
     return image_tower(ref.model) if tower == "image" else text_tower(ref.model)
 
 
+def _trimmable(ref: ReferenceModel, tower: str, spec: TowerSpec) -> tuple[bool, str]:
+    """Whether this text tower is exported with a dynamic 'sequence' axis, and if not, why."""
+    from clipexport.models.towers import untrimmable_reason
+
+    if tower != "text":
+        return False, ""
+    if not spec.dynamic_sequence:
+        return False, "the recipe exports a fixed context length"
+    reason = untrimmable_reason(ref.model)
+    return not reason, reason
+
+
+def _anchors(ref: ReferenceModel, tower: str, seed: int) -> Any:
+    """Zero-shot anchors for top-1 agreement: class-prompt text embeddings for the image tower,
+    image embeddings for the text tower, both from the fp32 PyTorch reference."""
+    import torch
+
+    from clipexport.calibration import class_prompts
+    from clipexport.models.towers import image_tower, text_tower
+
+    with torch.no_grad():
+        if tower == "image":
+            return text_tower(ref.model)(ref.tokenizer()(class_prompts())).float().numpy()
+        pixels = image_inputs([16], ref.image_size, seed + 1)[0]
+        return image_tower(ref.model)(pixels).float().numpy()
+
+
+def _calibration(ref: ReferenceModel, tower: str, options: BuildOptions, recipe: Recipe) -> Any:
+    from clipexport.calibration import image_calibration, text_calibration
+
+    size = recipe.quantize.calibration_size
+    if tower == "image":
+        return image_calibration(ref, size, options.seed, options.calibration_images)
+    return text_calibration(ref, size, options.calibration_prompts)
+
+
 def tower_parity(
     ref: ReferenceModel,
     tower: str,
@@ -124,20 +183,99 @@ def tower_parity(
     batch_sizes: Sequence[int],
     seed: int,
     precision: str,
+    trim: bool = False,
+    anchors: Any = None,
 ) -> TowerParity:
-    """Reference tower vs its ONNX file on ONNX Runtime, on random pixels or real prompts."""
+    """Reference tower vs its ONNX file on ONNX Runtime, on random pixels or real prompts.
+
+    The candidate runs in a child process (a crashing graph becomes a ParityError). A
+    trimmable text graph gets each batch cut to max EOT + 1 columns, the reference the full
+    context. bf16 graphs run emulated (ONNX Runtime's CPU provider has no bf16 kernels).
+    """
+    import tempfile
+
     if tower == "image":
         inputs = image_inputs(batch_sizes, ref.image_size, seed)
     else:
         inputs = text_inputs(batch_sizes, ref.tokenizer())
-    candidate = OnnxRuntimeCandidate(onnx_path, spec.input_name)
-    return check_tower(tower, module, candidate, inputs, tolerance, candidate.backend, precision)
+    note = ""
+    with tempfile.TemporaryDirectory(prefix="clipexport-parity-") as tmp:
+        path = onnx_path
+        if precision in ("fp16", "bf16"):
+            import onnx
+
+            from clipexport.passes.precision import LOW_TYPES, emulate_on_fp32
+
+            path = Path(tmp) / onnx_path.name
+            save_onnx(emulate_on_fp32(onnx.load(str(onnx_path)), LOW_TYPES[precision]), path)
+            note = (f"{precision} emulated: every node of the {precision} graph ran in fp32 between Casts from and to "
+                    f"{precision} ({precision} storage, fp32 arithmetic). onnxruntime's CPU provider has no bf16 "
+                    "kernels, and for fp16 it runs only Attention and layout ops natively (MatMul, Gemm, Conv, "
+                    "LayerNorm, Gelu get Casts to fp32 inserted), which would hide fp16 rounding and overflow")
+        elif precision == "fp8":
+            note = ("fp8 Q/DQ ran on onnxruntime CPU as quantize-dequantize (fp8 E4M3 rounding of weights and "
+                    "activations, fp32 arithmetic): the numbers of fp8, not its speed")
+        with IsolatedOnnxRuntimeCandidate(path, spec.input_name) as candidate:
+            parity = check_tower(tower, module, candidate, inputs, tolerance, candidate.backend, precision,
+                                 anchors=anchors, trim=trim)
+    parity.note = note
+    parity.top1_gated = ref.weights.kind != RANDOM
+    return parity
+
+
+def tower_engine(
+    plan: _Plan,
+    options: BuildOptions,
+    tower: str,
+    onnx_path: Path,
+    staging: Path,
+    ref: ReferenceModel,
+    module: Any,
+    tolerance: Tolerance,
+    sizes: Sequence[int],
+    trim: bool,
+    progress: Progress,
+) -> Any:
+    """The TensorRT step of one tower, run after its ONNX passed parity (clipexport.trt.pipeline).
+
+    The engine's parity uses the same inputs, anchors and trimming as ONNX Runtime's.
+    """
+    from clipexport.trt.builder import EngineBuildOptions
+    from clipexport.trt.pipeline import EngineStepOptions, build_tower_engine
+    from clipexport.trt.timing_cache import default_timing_cache_path
+
+    choice = plan.engines
+    timing = options.timing_cache or default_timing_cache_path(
+        choice.tensorrt_version, choice.gpu.name, choice.gpu.compute_capability)
+    previous_dir, previous = None, None
+    if plan.out.is_dir():  # --force over an earlier build: its engines may still fit
+        try:
+            previous, previous_dir = read_manifest(plan.out), plan.out
+        except ClipExportError:
+            pass
+    inputs = image_inputs(sizes, ref.image_size, options.seed) if tower == "image" else text_inputs(
+        sizes, ref.tokenizer())
+    anchors = _anchors(ref, tower, options.seed)
+
+    def check(candidate: Any, backend: str) -> TowerParity:
+        return check_tower(tower, module, candidate, inputs, tolerance, backend, options.precision,
+                           anchors=anchors, trim=trim)
+
+    step = EngineStepOptions(
+        build=EngineBuildOptions(options.builder_memory_limit, options.builder_optimization_level, timing),
+        no_rebuild=options.no_rebuild, previous_dir=previous_dir, previous_manifest=previous,
+    )
+    return build_tower_engine(tower, onnx_path, staging, plan.recipe.towers[tower], plan.batch,
+                              ref.context_length if tower == "text" else None, options.precision, choice, step,
+                              check, log=progress.say)
 
 
 def build(options: BuildOptions, progress: Progress | None = None) -> BuildResult:
     """Build, verify and write an artifact directory; on any failure nothing is left at the target."""
     from clipexport.export import export_tower
+    from clipexport.models.towers import attention_blocks, text_tower
     from clipexport.passes import PassConfig, run_passes
+    from clipexport.passes.fuse_attention import check_unfused
 
     progress = progress or Progress(quiet=True)
     plan = plan_build(options)
@@ -153,6 +291,9 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     towers_json: dict[str, Any] = {}
     files: dict[str, str] = {}
     parities: dict[str, TowerParity] = {}
+    engine_parities: list[TowerParity] = []
+    if plan.engines is not None and plan.engines.note:
+        progress.say(f"  note: {plan.engines.note}")
 
     with StagingDir(plan.out, options.force) as staging:
         assert staging.path is not None
@@ -160,40 +301,67 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
             spec = plan.recipe.towers[tower]
             module = _tower_module(ref, tower)
             tower_start = time.perf_counter()
+            trim, trim_reason = _trimmable(ref, tower, spec)
+            exported = text_tower(ref.model, trimmable=True) if trim else module
+            fuse = plan.recipe.attention == "onnx" and "fuse_attention" not in options.disabled_passes
+            disabled = list(options.disabled_passes) + ([] if fuse else ["fuse_attention"])
+            calibration = _calibration(ref, tower, options, plan.recipe) if options.precision in CALIBRATED else None
+            pass_cfg = PassConfig(
+                tower=tower, precision=options.precision, attention_blocks=attention_blocks(exported),
+                trim_text=trim, precision_policy=_precision_policy(plan.recipe),
+                quant_policy=_quant_policy(plan.recipe), calibration=calibration.batches if calibration else (),
+            )
             with progress.stage(f"export {tower} tower"):
-                graph = export_tower(module, _example_input(ref, tower), spec, plan.batch, plan.recipe.opset)
+                graph = export_tower(exported, _example_input(ref, tower), spec, plan.batch, plan.recipe.opset,
+                                     max_sequence=ref.context_length if trim else None, fuse_attention=fuse)
             with progress.stage(f"optimize {tower} tower"):
                 graph, records = run_passes(
-                    graph, PassConfig(tower=tower, precision=options.precision), options.disabled_passes,
+                    graph, pass_cfg, disabled,
                     log=lambda msg: progress.say(f"    {msg}"),
                 )
+            if not fuse:
+                softmaxes = check_unfused(graph, pass_cfg)
+                pass_cfg.details["attention"] = {"lowering": "none", "fused_nodes": 0, "softmax_nodes": softmaxes,
+                                                 "blocks": pass_cfg.attention_blocks}
             onnx_path = staging.path / f"{tower}.onnx"
             written = save_onnx(graph, onnx_path)
             inputs, outputs = tensor_infos(graph.graph.input), tensor_infos(graph.graph.output)
             del graph
             with progress.stage(f"verify {tower} tower (batches {sizes})"):
                 parity = tower_parity(ref, tower, module, onnx_path, spec, tolerance, sizes, options.seed,
-                                      options.precision)
+                                      options.precision, trim=trim, anchors=_anchors(ref, tower, options.seed))
             progress.say(f"    {parity.summary()}")
             parities[tower] = parity
             for name in written:
                 files[name] = file_sha256(staging.path / name)
             towers_json[tower] = {
                 "onnx": onnx_path.name,
+                "parameters": sum(p.numel() for p in module.parameters()),
                 "files": written,
                 "sha256": files[onnx_path.name],
                 "inputs": inputs,
                 "outputs": outputs,
                 "passes": [r.to_json() for r in records],
+                "attention": pass_cfg.details.get("attention"),
+                **({"sequence": _sequence_json(trim, trim_reason, ref.context_length)} if tower == "text" else {}),
+                **({"quantization": pass_cfg.details["quantize"]} if "quantize" in pass_cfg.details else {}),
+                **({"calibration": calibration.to_json()} if calibration else {}),
                 "parity": parity.to_json(),
                 "seconds": round(time.perf_counter() - tower_start, 2),
             }
+            if plan.engines is not None and plan.engines.engines:
+                with progress.stage(f"TensorRT engine for the {tower} tower"):
+                    engine = tower_engine(plan, options, tower, onnx_path, staging.path, ref, module, tolerance,
+                                          sizes, trim, progress)
+                towers_json[tower]["engine"] = engine.entry
+                files.update(engine.files)
+                engine_parities.append(engine.parity)
         if "text" in plan.towers:
             tokenizer, written = write_tokenizer_assets(ref.model_cfg["text_cfg"], staging.path)
             files.update({name: file_sha256(staging.path / name) for name in written})
         else:
             tokenizer = {"context_length": ref.context_length}
-        failed = [p for p in parities.values() if not p.passed]
+        failed = [p for p in [*parities.values(), *engine_parities] if not p.passed]
         if failed and not options.accept_parity_failure:
             raise ParityError(
                 "parity outside the recipe's tolerance; nothing was written:\n  "
@@ -205,6 +373,30 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         staging.commit()
     progress.say(f"wrote {plan.out} in {time.perf_counter() - started:.1f}s")
     return BuildResult(out_dir=plan.out, manifest=manifest, parity=parities)
+
+
+def _sequence_json(trim: bool, reason: str, context_length: int) -> dict[str, Any]:
+    """How the runtime may cut token ids: the contract behind the input shape [batch, sequence]."""
+    if trim:
+        return {"axis": "sequence", "min": 2, "max": context_length,
+                "trim": "max EOT position + 1 (EOT = each row's largest id)"}
+    return {"axis": None, "length": context_length, "trim": None, "reason": reason}
+
+
+def _precision_policy(recipe: Recipe) -> Any:
+    from clipexport.passes.precision import PrecisionPolicy
+
+    p = recipe.precision
+    return PrecisionPolicy(keep_fp32_ops=p.keep_fp32_ops, keep_final_projection=p.keep_final_projection,
+                           fp16_headroom=p.fp16_headroom)
+
+
+def _quant_policy(recipe: Recipe) -> Any:
+    from clipexport.passes.quantize import QuantPolicy
+
+    q = recipe.quantize
+    return QuantPolicy(op_types=q.op_types, quantize_embedding=q.quantize_embedding,
+                       keep_final_projection=q.keep_final_projection, activation_quantile=q.activation_quantile)
 
 
 def _manifest(
@@ -232,6 +424,9 @@ def _manifest(
         "opset": plan.recipe.opset,
         "batch": {"min": plan.batch.min, "opt": plan.batch.opt, "max": plan.batch.max},
         "preprocess": ref.preprocess_config(),
+        # zero-shot scoring: logits = logit_scale * cos + logit_bias, with the trained values
+        "logit_scale": float(ref.model.logit_scale.exp().item()),
+        "logit_bias": None if getattr(ref.model, "logit_bias", None) is None else float(ref.model.logit_bias.item()),
         "tokenizer": tokenizer,
         "versions": library_versions(),
         "parity_batch_sizes": parity_batches,
@@ -271,8 +466,10 @@ def verify_artifact(directory: Path, progress: Progress | None = None, files_onl
         tol = Tolerance(**info["parity"]["tolerance"])
         sizes = manifest["parity_batch_sizes"]
         with progress.stage(f"verify {tower} tower"):
+            trim = (info.get("sequence") or {}).get("axis") == "sequence"
             parity = tower_parity(ref, tower, _tower_module(ref, tower), directory / info["onnx"], spec, tol,
-                                  sizes, int(weights["seed"]), manifest["precision"])
+                                  sizes, int(weights["seed"]), manifest["precision"], trim=trim,
+                                  anchors=_anchors(ref, tower, int(weights["seed"])))
         progress.say(f"    {parity.summary()}")
         result["parity"][tower] = parity
     failed = [p for p in result["parity"].values() if not p.passed]

@@ -49,8 +49,10 @@ def cli() -> None:
                    "for seeded random weights. Default: the model's first published tag.")
 @click.option("--towers", default="image,text", show_default=True, metavar="LIST",
               help="Comma-separated towers to build: image, text or both.")
-@click.option("--precision", type=click.Choice(["fp32"]), default="fp32", show_default=True,
-              help="Numeric precision of the graphs.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "fp8"]), default="fp32",
+              show_default=True,
+              help="Numeric precision written into the graphs: fp16/bf16 (LayerNorm, softmax and the final "
+                   "projection stay fp32), int8/fp8 (Q/DQ, per-channel weights, calibrated activations).")
 @click.option("--batch", metavar="MIN:OPT:MAX", help="Dynamic batch range, e.g. 1:8:64. Default: the recipe's.")
 @click.option("--out", type=click.Path(path_type=Path), metavar="DIR",
               help="Output directory. Default: engines/<MODEL>-<pretrained>-<precision>.")
@@ -58,11 +60,33 @@ def cli() -> None:
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the random weights and of the parity inputs.")
 @click.option("--no-simplify", is_flag=True, help="Skip the simplification pass.")
+@click.option("--no-fuse-attention", is_flag=True,
+              help="Export attention as plain MatMul/Softmax/MatMul instead of one ONNX Attention node per block.")
+@click.option("--calibration-images", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+              help="Images to calibrate int8/fp8 scales (and the fp16 range guard) on. Default: a built-in "
+                   "synthetic set, recorded as such in the manifest.")
+@click.option("--calibration-prompts", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+              help="Prompts (one per line) to calibrate the text tower on. Default: built-in prompts.")
 @click.option("--accept-parity-failure", is_flag=True,
               help="Write the artifact even if parity fails; the manifest records that you accepted it.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
+              help="auto: also build verified TensorRT engines (.plan) when TensorRT and a CUDA GPU are present, "
+                   "else stop after ONNX and say how to get engines. tensorrt: engines or an error before any work.")
+@click.option("--no-rebuild", is_flag=True,
+              help="Reuse the TensorRT engines stored in --out (with --force); fail instead of building when "
+                   "they do not fit this graph, TensorRT, GPU, profile or precision.")
+@click.option("--builder-memory-limit", type=click.IntRange(min=1), metavar="MIB",
+              help="TensorRT builder workspace limit in MiB. Default: TensorRT's (the GPU's memory).")
+@click.option("--builder-optimization-level", type=click.IntRange(0, 5), metavar="0-5",
+              help="TensorRT builder optimization level (higher: longer builds, maybe faster engines). Default: 3.")
+@click.option("--timing-cache", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+              help="TensorRT timing cache file. Default: one per TensorRT version and GPU under ~/.cache/clipexport.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the output directory.")
 def build(model: str, pretrained: str | None, towers: str, precision: str, batch: str | None, out: Path | None,
-          force: bool, seed: int, no_simplify: bool, accept_parity_failure: bool, quiet: bool) -> None:
+          force: bool, seed: int, no_simplify: bool, no_fuse_attention: bool, calibration_images: Path | None,
+          calibration_prompts: Path | None, accept_parity_failure: bool, backend: str, no_rebuild: bool,
+          builder_memory_limit: int | None, builder_optimization_level: int | None, timing_cache: Path | None,
+          quiet: bool) -> None:
     """Build and verify ONNX towers of MODEL (see `clipexport list`)."""
     from clipexport.build import BuildOptions
     from clipexport.build import build as run_build
@@ -80,8 +104,15 @@ def build(model: str, pretrained: str | None, towers: str, precision: str, batch
             out=out,
             force=force,
             seed=seed,
-            disabled_passes=["simplify"] if no_simplify else [],
+            disabled_passes=(["simplify"] if no_simplify else []) + (["fuse_attention"] if no_fuse_attention else []),
             accept_parity_failure=accept_parity_failure,
+            calibration_images=calibration_images,
+            calibration_prompts=calibration_prompts,
+            backend=backend,
+            no_rebuild=no_rebuild,
+            builder_memory_limit=builder_memory_limit * 2**20 if builder_memory_limit else None,
+            builder_optimization_level=builder_optimization_level,
+            timing_cache=timing_cache,
         )
         result = run_build(options, Progress(quiet=quiet))
     except ClipExportError as exc:
@@ -218,6 +249,103 @@ def bench(target: str, backends: str, batches: str, tower: str, warmup: int, ite
         _fail(exc)
     for kind, path in paths.items():
         click.echo(f"{kind}: {path}")
+
+
+EPILOG_EMBED = """\b
+Output:
+  only --images, or only --texts   FILE.npy: float32 [N, D], one row per input, in order
+  both                             FILE.npz (required): arrays image [Ni, D], text [Nt, D],
+                                   image_paths and texts (strings, in row order)
+  A .npz --out is also accepted for one kind. Rows are unit length unless --no-normalize.
+  Load with numpy.load(FILE); no pickle is needed.
+
+\b
+Examples:
+  clipexport embed engines/ViT-B-32-none-fp32 --images cat.jpg --images dog.png --out img.npy
+  clipexport embed engines/ViT-B-32-none-fp32 --images photos/ --out photos.npy
+  clipexport embed engines/ViT-B-32-none-fp32 -t "a photo of a cat" -t "a dog" --out txt.npy
+  clipexport embed engines/ViT-B-32-none-fp32 -i cat.jpg -t "a cat" -t "a dog" --out both.npz
+"""
+
+
+@cli.command(epilog=EPILOG_EMBED)
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("-i", "--images", "images", multiple=True, type=click.Path(path_type=Path), metavar="PATH",
+              help="An image file, or a directory (every image file in it, sorted by name). Repeat for more.")
+@click.option("-t", "--texts", "texts", multiple=True, metavar="TEXT", help="A text to embed. Repeat for more.")
+@click.option("--texts-file", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+              help="A UTF-8 file with one text per line (empty lines skipped), after any --texts.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+              help="Where the embeddings go: .npy for one kind of input, .npz for both (see below).")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "pytorch"]), default="auto",
+              show_default=True, help="What runs the towers; 'auto' takes the first that works here.")
+@click.option("--device", metavar="cpu|cuda|cuda:N", help="Default: the backend's best (CUDA if it has it).")
+@click.option("--batch-size", type=int, metavar="N", help="Inputs per run. Default: 32, capped by the artifact.")
+@click.option("--no-normalize", is_flag=True, help="Write raw embeddings instead of unit-length rows.")
+def embed(directory: Path, images: tuple[Path, ...], texts: tuple[str, ...], texts_file: Path | None, out: Path,
+          backend: str, device: str | None, batch_size: int | None, no_normalize: bool) -> None:
+    """Embed images and/or texts with the artifact in DIRECTORY and save them with numpy.
+
+    Images are preprocessed and texts tokenized exactly as open_clip does for the model;
+    every artifact file is checked against its sha256 before anything runs.
+    """
+    import numpy as np
+
+    from clipexport.errors import UsageError
+    from clipexport.runtime import load
+
+    try:
+        all_texts = list(texts)
+        if texts_file is not None:
+            try:
+                lines = texts_file.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UsageError(f"--texts-file {texts_file}: {exc}") from None
+            all_texts += [line for line in lines if line.strip()]
+        paths: list[Path] = []
+        for path in images:
+            if path.is_dir():
+                from PIL import Image
+
+                suffixes = {ext.lower() for ext in Image.registered_extensions()}
+                found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+                if not found:
+                    raise UsageError(f"--images {path}: the directory holds no image files")
+                paths += found
+            else:
+                paths.append(path)
+        if not paths and not all_texts:
+            raise UsageError("nothing to embed: give --images and/or --texts (see --help)")
+        both = bool(paths) and bool(all_texts)
+        suffix = out.suffix.lower()
+        if suffix not in (".npy", ".npz"):
+            raise UsageError(f"--out {out}: use a .npy file (one kind of input) or a .npz file")
+        if both and suffix != ".npz":
+            raise UsageError(f"--out {out}: images and texts together are written as .npz (e.g. --out "
+                             f"{out.with_suffix('.npz')}), with arrays image, text, image_paths, texts")
+        if not out.parent.is_dir():
+            raise UsageError(f"--out {out}: the directory {out.parent} does not exist")
+        runtime = load(directory, backend=backend, device=device)
+        normalize = not no_normalize
+        arrays: dict[str, np.ndarray] = {}
+        if paths:
+            arrays["image"] = runtime.encode_image([str(p) for p in paths], batch_size=batch_size, normalize=normalize)
+            arrays["image_paths"] = np.array([str(p) for p in paths])
+        if all_texts:
+            arrays["text"] = runtime.encode_text(all_texts, batch_size=batch_size, normalize=normalize)
+            arrays["texts"] = np.array(all_texts)
+    except ClipExportError as exc:
+        _fail(exc)
+    # Write beside the target, then rename: a failed write never leaves a half file at --out.
+    tmp = out.with_name(f".{out.name}.partial")
+    with open(tmp, "wb") as fh:
+        if suffix == ".npz":
+            np.savez(fh, **arrays)
+        else:
+            np.save(fh, arrays["image" if paths else "text"])
+    tmp.replace(out)
+    shapes = ", ".join(f"{k} {list(arrays[k].shape)}" for k in ("image", "text") if k in arrays)
+    click.echo(f"wrote {out}: {shapes} float32 ({runtime.backend} on {runtime.device})")
 
 
 def main() -> None:

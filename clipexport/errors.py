@@ -41,3 +41,20 @@ class ParityError(ClipExportError):
 
 class ArtifactError(ClipExportError):
     """An artifact directory is missing files, or a file does not match its manifest."""
+
+
+class InputError(ClipExportError):
+    """An image or text given to the runtime cannot be used: unreadable, truncated, too large, wrong type."""
+
+
+class BackendUnavailableError(ClipExportError):
+    """A requested backend (TensorRT, a CUDA GPU) is not installed or not usable here."""
+
+
+class EngineError(ClipExportError):
+    """A TensorRT engine cannot be built, or a stored engine does not fit this machine/graph."""
+
+
+class PassError(ClipExportError):
+    """A graph pass could not do what the build asked: a fusion that matched fewer blocks than
+    the model has, a precision or quantization that produced an invalid graph."""

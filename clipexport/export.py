@@ -1,4 +1,10 @@
-"""One tower -> one ONNX graph with a dynamic batch axis. Nothing else."""
+"""One tower -> one ONNX graph with a dynamic batch axis (and, for a trimmable text tower,
+a dynamic sequence axis). Nothing else.
+
+Attention: torch's exporter lowers scaled_dot_product_attention, which nn.MultiheadAttention
+and F.multi_head_attention_forward call, to one ONNX `Attention` node from opset 23 on.
+`fuse_attention=False` swaps in an explicit MatMul/Softmax/MatMul form while exporting.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,11 @@ import logging
 import warnings
 from typing import Iterator
 
+import math
+
 import onnx
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from clipexport.errors import ExportError
@@ -29,6 +38,40 @@ def export_patches() -> Iterator[None]:
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(previous)
+
+
+def _unfused_sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v in plain ops: what `--no-fuse-attention` exports."""
+    if dropout_p or enable_gqa:
+        raise ExportError("unfused attention export supports neither dropout nor grouped-query attention")
+    scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+    scores = (query * scale) @ key.transpose(-2, -1)  # scale on Q first: TensorRT fuses that form
+    if is_causal:
+        n, m = query.shape[-2], key.shape[-2]
+        scores = scores.masked_fill(torch.ones(n, m, dtype=torch.bool, device=query.device).triu(1), float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return torch.softmax(scores, dim=-1) @ value
+
+
+@contextlib.contextmanager
+def unfused_attention() -> Iterator[None]:
+    """While active, F.scaled_dot_product_attention (also inside nn.MultiheadAttention) is plain math."""
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _unfused_sdpa  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 @contextlib.contextmanager
@@ -54,21 +97,34 @@ def export_tower(
     spec: TowerSpec,
     batch: BatchRange,
     opset: int,
+    max_sequence: int | None = None,
+    fuse_attention: bool = True,
 ) -> onnx.ModelProto:
     """Trace `tower` on `example` with torch.export and translate it to ONNX.
 
     The batch axis (axis 0 of the one input and the one output) is dynamic within
-    [batch.min, batch.max]; every other axis keeps the example's size. Token ids keep
-    the example's integer dtype.
+    [batch.min, batch.max]. With `max_sequence`, axis 1 of the input (token ids) is
+    dynamic too, named "sequence", within [2, max_sequence]; every other axis keeps the
+    example's size. Token ids keep the example's integer dtype.
     """
+    if fuse_attention and opset < 23:
+        raise ExportError(f"fused attention needs opset >= 23 (ONNX Attention); the recipe says {opset}")
     if example.shape[0] < 2 and batch.max >= 2:
         # torch.export specializes a dimension whose example size is 1.
         example = example.expand(2, *example.shape[1:]).contiguous()
-    dynamic = batch.max > 1
-    dynamic_shapes = ({0: torch.export.Dim("batch", min=batch.min, max=batch.max)},) if dynamic else None
+    axes: dict[int, torch.export.Dim] = {}
+    if batch.max > 1:
+        axes[0] = torch.export.Dim("batch", min=batch.min, max=batch.max)
+    if max_sequence is not None:
+        if example.shape[1] != max_sequence:
+            raise ExportError(f"trimmable text export needs a full-length example ({max_sequence} columns)")
+        # min 2: SOT + EOT is the shortest tokenized text; 1 would be specialized away anyway.
+        axes[1] = torch.export.Dim("sequence", min=2, max=max_sequence)
+    dynamic_shapes = (axes,) if axes else None
     tower.eval()
+    attention = contextlib.nullcontext() if fuse_attention else unfused_attention()
     try:
-        with torch.no_grad(), export_patches(), _quiet_exporter():
+        with torch.no_grad(), export_patches(), attention, _quiet_exporter():
             program = torch.onnx.export(
                 tower,
                 (example,),
@@ -85,13 +141,25 @@ def export_tower(
     if program is None:
         raise ExportError("torch.onnx returned no program")
     model = program.model_proto
-    _name_batch_axis(model)
+    _name_dynamic_axes(model, sequence=max_sequence is not None)
     return model
 
 
-def _name_batch_axis(model: onnx.ModelProto) -> None:
-    """Call the dynamic axis 'batch' on the graph's inputs and outputs, whatever the exporter named it."""
+def _name_dynamic_axes(model: onnx.ModelProto, sequence: bool) -> None:
+    """Call the dynamic axes 'batch' (axis 0) and 'sequence' (axis 1 of the token ids),
+    whatever the exporter named them: the runtime keys trimming on these names."""
     for value in list(model.graph.input) + list(model.graph.output):
         dims = value.type.tensor_type.shape.dim
         if dims and not dims[0].HasField("dim_value"):
             dims[0].dim_param = "batch"
+    if sequence:
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        if len(dims) != 2 or dims[1].HasField("dim_value"):
+            raise ExportError("the trimmable text tower exported without a dynamic sequence axis")
+        old = dims[1].dim_param
+        dims[1].dim_param = "sequence"
+        # Intermediate shapes carry the exporter's symbol (e.g. 's1'); keep them consistent.
+        for value in model.graph.value_info:
+            for dim in value.type.tensor_type.shape.dim:
+                if old and dim.dim_param == old:
+                    dim.dim_param = "sequence"

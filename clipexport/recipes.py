@@ -1,7 +1,8 @@
 """Per-architecture export recipes: TOML files loaded into frozen, validated dataclasses.
 
 A recipe says, for one architecture family: the towers' input/output names, dtypes and
-shapes, the dynamic batch range, the ONNX opset and the parity tolerance per precision.
+shapes, the dynamic batch range, the ONNX opset and attention lowering, what stays fp32
+in fp16/bf16 graphs, what int8/fp8 quantizes, and the parity tolerance per precision.
 An unknown or missing key is an error that names the file and the key.
 """
 
@@ -20,6 +21,10 @@ TOWERS = ("image", "text")
 INPUT_DTYPES = ("float32", "int64", "int32")
 # Symbolic dimensions a recipe may use in an input shape; resolved from the model config.
 SHAPE_SYMBOLS = ("batch", "image_size", "context_length")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+# How attention blocks are lowered: "onnx" = one ONNX Attention node per block (opset >= 23),
+# "none" = plain MatMul/Softmax/MatMul.
+ATTENTION_LOWERINGS = ("onnx", "none")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,9 @@ class TowerSpec:
     input_dtype: str
     input_shape: tuple[str | int, ...]
     output_name: str
+    # Text only: export token ids as [batch, sequence] so the runtime can trim after EOT,
+    # where the model's pooling makes that exact (causal mask + argmax pooling).
+    dynamic_sequence: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,28 @@ class Tolerance:
 
     cosine_min: float
     max_rel_err: float
+    # Fraction of zero-shot top-1 choices the candidate must share with the reference (None: not checked).
+    top1_agreement_min: float | None = None
+
+
+@dataclass(frozen=True)
+class PrecisionSpec:
+    """fp16/bf16 policy: which ops keep fp32 arithmetic."""
+
+    keep_fp32_ops: tuple[str, ...]
+    keep_final_projection: bool
+    fp16_headroom: float  # keep a node fp32 when calibration saw |x| > 65504 / headroom
+
+
+@dataclass(frozen=True)
+class QuantizeSpec:
+    """int8/fp8 policy: what gets Q/DQ, and the calibration set size."""
+
+    op_types: tuple[str, ...]
+    quantize_embedding: bool
+    keep_final_projection: bool
+    activation_quantile: float
+    calibration_size: int
 
 
 @dataclass(frozen=True)
@@ -75,10 +105,13 @@ class Recipe:
     image_family: str
     text_family: str
     opset: int
+    attention: str
     batch: BatchRange
     towers: Mapping[str, TowerSpec]
     parity_batch_sizes: tuple[int, ...]
     tolerances: Mapping[str, Tolerance]
+    precision: PrecisionSpec
+    quantize: QuantizeSpec
 
     def covers(self, families: Families) -> bool:
         return (
@@ -147,11 +180,15 @@ def _tower(table: _Table) -> TowerSpec:
             )
     if not shape or shape[0] != "batch":
         raise table._err(f"{table.where}input_shape must start with 'batch' (the dynamic axis)")
+    dynamic_sequence = table.get("dynamic_sequence", bool) if "dynamic_sequence" in table.data else False
+    if dynamic_sequence and (table.where != "towers.text." or list(shape) != ["batch", "context_length"]):
+        raise table._err(f"{table.where}dynamic_sequence needs the text tower with input_shape [batch, context_length]")
     spec = TowerSpec(
         input_name=table.get("input_name", str),
         input_dtype=dtype,
         input_shape=tuple(shape),
         output_name=table.get("output_name", str),
+        dynamic_sequence=dynamic_sequence,
     )
     table.done()
     return spec
@@ -186,12 +223,17 @@ def load_recipe(path: Path) -> Recipe:
 
     tolerances = {}
     for precision in tolerance.data:
+        if precision not in PRECISIONS:
+            raise RecipeError(f"{path}: unknown precision 'parity.tolerance.{precision}' (known: {', '.join(PRECISIONS)})")
         t = tolerance.table(precision)
         cosine = float(t.get("cosine_min", (float, int)))
         rel = float(t.get("max_rel_err", (float, int)))
         if not 0.0 < cosine <= 1.0 or rel <= 0:
             raise RecipeError(f"{path}: parity.tolerance.{precision} needs 0 < cosine_min <= 1 and max_rel_err > 0")
-        tolerances[precision] = Tolerance(cosine_min=cosine, max_rel_err=rel)
+        top1 = float(t.get("top1_agreement_min", (float, int))) if "top1_agreement_min" in t.data else None
+        if top1 is not None and not 0.0 < top1 <= 1.0:
+            raise RecipeError(f"{path}: parity.tolerance.{precision}.top1_agreement_min must be in (0, 1]")
+        tolerances[precision] = Tolerance(cosine_min=cosine, max_rel_err=rel, top1_agreement_min=top1)
         t.done()
     if "fp32" not in tolerances:
         raise RecipeError(f"{path}: missing key 'parity.tolerance.fp32'")
@@ -205,7 +247,34 @@ def load_recipe(path: Path) -> Recipe:
     opset = export.get("opset", int)
     if not 17 <= opset <= 23:
         raise RecipeError(f"{path}: export.opset {opset} is outside the supported range 17..23")
+    attention = export.get("attention", str)
+    if attention not in ATTENTION_LOWERINGS:
+        raise RecipeError(f"{path}: export.attention {attention!r} is not one of {', '.join(ATTENTION_LOWERINGS)}")
+    if attention == "onnx" and opset < 23:
+        raise RecipeError(f"{path}: export.attention 'onnx' needs export.opset >= 23 (ONNX Attention)")
     export.done()
+
+    prec = top.table("precision")
+    keep = prec.get("keep_fp32", list)
+    if not all(isinstance(op, str) and op for op in keep):
+        raise RecipeError(f"{path}: precision.keep_fp32 must be a list of ONNX op types")
+    headroom = float(prec.get("fp16_headroom", (float, int)))
+    if headroom < 1.0:
+        raise RecipeError(f"{path}: precision.fp16_headroom must be >= 1")
+    precision_spec = PrecisionSpec(tuple(keep), prec.get("keep_final_projection", bool), headroom)
+    prec.done()
+
+    quant = top.table("quantize")
+    op_types = quant.get("op_types", list)
+    if not op_types or not set(op_types) <= {"MatMul", "Gemm", "Conv"}:
+        raise RecipeError(f"{path}: quantize.op_types must be a non-empty subset of MatMul, Gemm, Conv")
+    quantile = float(quant.get("activation_quantile", (float, int)))
+    size = quant.get("calibration_size", int)
+    if not 0.9 <= quantile <= 1.0 or size < 1:
+        raise RecipeError(f"{path}: quantize needs 0.9 <= activation_quantile <= 1 and calibration_size >= 1")
+    quantize_spec = QuantizeSpec(tuple(op_types), quant.get("embedding", bool),
+                                 quant.get("keep_final_projection", bool), quantile, size)
+    quant.done()
 
     recipe = Recipe(
         name=top.get("name", str),
@@ -214,10 +283,13 @@ def load_recipe(path: Path) -> Recipe:
         image_family=match.get("image", str),
         text_family=match.get("text", str),
         opset=opset,
+        attention=attention,
         batch=batch_range,
         towers=tower_specs,
         parity_batch_sizes=tuple(batch_sizes),
         tolerances=tolerances,
+        precision=precision_spec,
+        quantize=quantize_spec,
     )
     match.done()
     top.done()
@@ -273,5 +345,7 @@ def unsupported_reason(families: Families) -> str:
         parts.append("its image tower comes from timm")
     if families.text == HF_TEXT:
         parts.append("its text tower is a Hugging Face transformer")
+    elif families.hf_tokenizer:
+        parts.append(f"its text tower reads the Hugging Face tokenizer {families.hf_tokenizer!r} (hub files)")
     detail = " and ".join(parts) or f"no recipe matches {families.describe()}"
     return f"{detail}; no recipe covers this family yet"

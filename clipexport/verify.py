@@ -11,6 +11,7 @@ and report the worst row over all batch sizes.
 
 from __future__ import annotations
 
+import multiprocessing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -39,6 +40,14 @@ class TowerParity:
     precision: str
     tolerance: Tolerance
     batches: list[BatchParity] = field(default_factory=list)
+    # Share of zero-shot top-1 choices equal to the reference's (None: not measured).
+    top1_agreement: float | None = None
+    # False with random weights: their zero-shot scores are near ties, so top-1 flips on any
+    # rounding; the agreement is then reported, not gated (cosine still is).
+    top1_gated: bool = True
+    # Text: the sequence length each batch was trimmed to before the candidate ran (empty: full length).
+    trimmed_lengths: list[int] = field(default_factory=list)
+    note: str = ""  # how the candidate ran, when that is not plain (e.g. bf16 emulated)
 
     @property
     def cosine_min(self) -> float:
@@ -54,18 +63,30 @@ class TowerParity:
 
     @property
     def passed(self) -> bool:
+        top1_ok = (
+            self.tolerance.top1_agreement_min is None
+            or not self.top1_gated
+            or (self.top1_agreement is not None and self.top1_agreement >= self.tolerance.top1_agreement_min)
+        )
         return (
             all(b.finite for b in self.batches)
             and self.cosine_min >= self.tolerance.cosine_min
             and self.max_rel_err <= self.tolerance.max_rel_err
+            and top1_ok
         )
 
     def summary(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
+        top1 = ""
+        if self.top1_agreement is not None:
+            need = self.tolerance.top1_agreement_min
+            gate = (f" (need >= {need:g}), " if self.top1_gated else " (not gated: random weights), ") if need else ", "
+            top1 = f"top1_agreement {self.top1_agreement:.3f}{gate}"
+        trimmed = f"trimmed to {self.trimmed_lengths} tokens, " if self.trimmed_lengths else ""
         return (
-            f"{self.tower} tower on {self.backend}: cosine_min {self.cosine_min:.7f} "
+            f"{self.tower} tower on {self.backend} ({self.precision}): cosine_min {self.cosine_min:.7f} "
             f"(need >= {self.tolerance.cosine_min}), max_abs_err {self.max_abs_err:.3g}, "
-            f"max_rel_err {self.max_rel_err:.3g} (need <= {self.tolerance.max_rel_err:g}), "
+            f"max_rel_err {self.max_rel_err:.3g} (need <= {self.tolerance.max_rel_err:g}), {top1}{trimmed}"
             f"batches {[b.batch_size for b in self.batches]}: {verdict}"
         )
 
@@ -78,6 +99,10 @@ class TowerParity:
             "max_rel_err": self.max_rel_err,
             "passed": self.passed,
             "tolerance": asdict(self.tolerance),
+            "top1_agreement": self.top1_agreement,
+            "top1_gated": self.top1_gated,
+            "trimmed_lengths": self.trimmed_lengths,
+            "note": self.note,
             "batches": [asdict(b) for b in self.batches],
         }
 
@@ -125,6 +150,33 @@ def text_inputs(batch_sizes: Sequence[int], tokenizer: Callable[[list[str]], Any
     return out
 
 
+def trim_to_eot(ids: np.ndarray) -> np.ndarray:
+    """Token ids [B, L] cut to max EOT position + 1 columns (EOT = each row's largest id).
+
+    Exact for a causal text tower with argmax pooling: no row's EOT sees a later column.
+    At least 2 columns (SOT + EOT), the shortest input the trimmable graph accepts.
+    """
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ParityError(f"token ids must be [batch, sequence], got shape {ids.shape}")
+    length = max(2, int(ids.argmax(axis=1).max()) + 1)
+    return np.ascontiguousarray(ids[:, : min(length, ids.shape[1])])
+
+
+def top1_agreement(reference: np.ndarray, candidate: np.ndarray, anchors: np.ndarray, rows_are_queries: bool) -> float:
+    """Share of zero-shot choices the candidate makes exactly as the reference does.
+
+    rows_are_queries: each embedding row picks its best anchor (images among class texts);
+    otherwise each anchor picks its best row (images choosing among the texts).
+    """
+    def unit(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float64).tiny)
+
+    ref_scores, cand_scores = unit(reference) @ unit(anchors).T, unit(candidate) @ unit(anchors).T
+    axis = 1 if rows_are_queries else 0
+    return float((ref_scores.argmax(axis=axis) == cand_scores.argmax(axis=axis)).mean())
+
+
 def check_tower(
     tower: str,
     reference: Callable[[Any], Any],
@@ -133,17 +185,106 @@ def check_tower(
     tolerance: Tolerance,
     backend: str,
     precision: str = "fp32",
+    anchors: np.ndarray | None = None,
+    trim: bool = False,
 ) -> TowerParity:
-    """Run reference (a torch module) and candidate on every input batch and compare."""
+    """Run reference (a torch module) and candidate on every input batch and compare.
+
+    trim: feed the candidate only max EOT + 1 columns of each batch (the reference always
+    gets the full context). anchors: embeddings of the other tower for zero-shot top-1
+    agreement (class-prompt texts for an image tower, images for a text tower).
+    """
     import torch
 
     result = TowerParity(tower=tower, backend=backend, precision=precision, tolerance=tolerance)
+    refs, cands = [], []
     for batch in inputs:
         with torch.no_grad():
             ref = reference(batch).float().numpy()
-        cand = candidate(batch.numpy())
-        result.batches.append(compare(ref, np.asarray(cand), int(batch.shape[0])))
+        ids = batch.numpy()
+        if trim:
+            ids = trim_to_eot(ids)
+            result.trimmed_lengths.append(int(ids.shape[1]))
+        cand = np.asarray(candidate(ids))
+        result.batches.append(compare(ref, cand, int(batch.shape[0])))
+        refs.append(ref)
+        cands.append(cand)
+    if anchors is not None and all(b.finite for b in result.batches):
+        result.top1_agreement = top1_agreement(np.concatenate(refs), np.concatenate(cands), anchors,
+                                               rows_are_queries=tower == "image")
     return result
+
+
+def _serve(path: str, input_name: str, conn: Any) -> None:
+    """Child process: load the graph, then answer batches until told to stop."""
+    try:
+        candidate = OnnxRuntimeCandidate(Path(path), input_name)
+        conn.send(("ready", None))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as text
+        conn.send(("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"))
+        return
+    while True:
+        batch = conn.recv()
+        if batch is None:
+            return
+        try:
+            conn.send(("ok", candidate(batch)))
+        except Exception as exc:  # noqa: BLE001
+            conn.send(("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"))
+
+
+class IsolatedOnnxRuntimeCandidate:
+    """An ONNX file run on ONNX Runtime (CPU) in a child process.
+
+    A new graph can crash onnxruntime outright (a segfault at session creation was seen
+    with fp16 graphs written by other converters); in a child that becomes a ParityError
+    naming the file, instead of killing the build.
+    """
+
+    backend = "onnxruntime-cpu"
+
+    def __init__(self, path: Path, input_name: str) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.path = path
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(str(path), input_name, child), daemon=True)
+        self._proc.start()
+        child.close()
+        self._expect("load")
+
+    def _expect(self, what: str) -> Any:
+        try:
+            status, payload = self._conn.recv()
+        except EOFError:
+            self._proc.join(timeout=5)
+            raise ParityError(
+                f"onnxruntime crashed ({what}) on {self.path.name} (child exit code {self._proc.exitcode})"
+            ) from None
+        if status == "error":
+            self.close()
+            raise ParityError(f"onnxruntime cannot {what} {self.path.name}: {payload}")
+        return payload
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self._conn.send(batch)
+        return np.asarray(self._expect("run"))
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            try:
+                self._conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            self._proc.join(timeout=10)
+            if self._proc.is_alive():
+                self._proc.terminate()
+        self._conn.close()
+
+    def __enter__(self) -> "IsolatedOnnxRuntimeCandidate":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 class OnnxRuntimeCandidate:

@@ -10,7 +10,7 @@ import torch
 from clipexport.build import parity_batch_sizes, tower_parity
 from clipexport.export import export_tower
 from clipexport.models import load_reference
-from clipexport.models.towers import image_tower, text_tower
+from clipexport.models.towers import attention_blocks, image_tower, text_tower
 from clipexport.passes import PassConfig, count_nodes, run_passes
 from clipexport.recipes import BatchRange, load_recipes, recipe_for
 from twins import TWINS
@@ -55,9 +55,11 @@ def test_export_has_dynamic_batch_and_matches_on_onnxruntime(reference, tower, t
         torch.randn(2, 3, ref.image_size, ref.image_size) if tower == "image" else ref.tokenizer()(["a", "b"])
     )
     graph = export_tower(module, example, spec, BatchRange(1, 4, 16), recipe.opset)
-    graph, records = run_passes(graph, PassConfig(tower=tower, precision="fp32"))
-    assert [r.name for r in records] == ["simplify"] and records[0].status == "applied"
-    assert records[0].nodes_after == count_nodes(graph) <= records[0].nodes_before
+    graph, records = run_passes(graph, PassConfig(tower=tower, precision="fp32",
+                                                  attention_blocks=attention_blocks(module)))
+    applied = [r.name for r in records if r.status == "applied"]
+    assert applied == ["simplify", "fuse_attention"] and records[0].status == "applied"
+    assert records[-1].nodes_after == count_nodes(graph) <= records[0].nodes_before
 
     (inp,), (out,) = graph.graph.input, graph.graph.output
     assert inp.name == spec.input_name and out.name == spec.output_name

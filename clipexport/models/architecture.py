@@ -13,6 +13,9 @@ VISION_TRANSFORMER = "vision-transformer"
 MODIFIED_RESNET = "modified-resnet"
 TIMM_IMAGE = "timm"
 TEXT_TRANSFORMER = "text-transformer"
+# The built-in text transformer fed by a Hugging Face tokenizer (CLIPA, worldwide, SigLIP):
+# the tokenizer's files come from the hub, and pooling is not always argmax-on-EOT.
+TEXT_TRANSFORMER_HF_TOKENIZER = "text-transformer-hf-tokenizer"
 HF_TEXT = "hf-text"
 
 
@@ -23,6 +26,7 @@ class Families:
     image: str
     text: str
     multimodal: bool  # CoCa: a text decoder on top of both towers
+    hf_tokenizer: str | None = None  # the Hugging Face tokenizer the text tower needs, if any
 
     def describe(self) -> str:
         base = f"image={self.image}, text={self.text}"
@@ -40,5 +44,15 @@ def families_of(model_cfg: Mapping[str, Any]) -> Families:
         image = MODIFIED_RESNET
     else:
         image = VISION_TRANSFORMER
-    text_family = HF_TEXT if text.get("hf_model_name") else TEXT_TRANSFORMER
-    return Families(image=image, text=text_family, multimodal="multimodal_cfg" in model_cfg)
+    if text.get("hf_model_name"):
+        text_family = HF_TEXT
+    elif text.get("hf_tokenizer_name"):
+        text_family = TEXT_TRANSFORMER_HF_TOKENIZER
+    else:
+        text_family = TEXT_TRANSFORMER
+    return Families(
+        image=image,
+        text=text_family,
+        multimodal="multimodal_cfg" in model_cfg,
+        hf_tokenizer=text.get("hf_tokenizer_name") or None,
+    )

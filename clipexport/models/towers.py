@@ -3,13 +3,21 @@
 ImageTower: pixels float32 [B, 3, H, W] -> embeddings float32 [B, D]  (== encode_image)
 TextTower:  token ids int64 [B, L]      -> embeddings float32 [B, D]  (== encode_text)
 Both are unnormalized, exactly as open_clip returns them with normalize=False.
+
+TrimmableTextTower takes ids of any length 2 <= L <= context_length: it slices the
+positional embedding and the causal mask to L. With causal attention and argmax (EOT)
+pooling, feeding only the first `max EOT position + 1` columns gives the same embedding
+as the full context (every column after a row's EOT is invisible to that row's EOT).
 """
 
 from __future__ import annotations
 
 import torch
 from open_clip.model import CLIP
+from open_clip.transformer import text_global_pool
 from torch import nn
+
+from clipexport.errors import UnsupportedModelError
 
 
 class ImageTower(nn.Module):
@@ -50,6 +58,63 @@ class BuiltinTextTower(nn.Module):
         return CLIP.encode_text(self, input_ids)  # type: ignore[arg-type]
 
 
+class TrimmableTextTower(BuiltinTextTower):
+    """BuiltinTextTower that accepts a shorter sequence: ids int64 [B, L], 2 <= L <= context_length.
+
+    Same weights and the same operations as open_clip's encode_text; only the positional
+    embedding and the causal mask are sliced to the input length L.
+    """
+
+    def __init__(self, clip: CLIP) -> None:
+        super().__init__(clip)
+        reason = untrimmable_reason(clip)
+        if reason:
+            raise UnsupportedModelError(f"the text tower cannot be trimmed: {reason}")
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        length = input_ids.shape[1]
+        cast_dtype = self.transformer.get_cast_dtype()
+        x = self.token_embedding(input_ids).to(cast_dtype)
+        x = x + self.positional_embedding[:length].to(cast_dtype)
+        x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
+        x = self.ln_final(x)
+        x = text_global_pool(x, input_ids, self.text_pool_type)
+        if self.text_projection is not None:
+            if isinstance(self.text_projection, nn.Linear):
+                x = self.text_projection(x)
+            else:
+                x = x @ self.text_projection
+        return x
+
+
+def untrimmable_reason(clip: nn.Module) -> str:
+    """Why exact EOT trimming would change this model's text embeddings; "" when it would not."""
+    if not isinstance(clip, CLIP):
+        return f"{type(clip).__name__} has no built-in causal text tower"
+    if getattr(clip, "text_pool_type", None) != "argmax":
+        # 'last' reads the final column, 'eos' a tokenizer-specific id: both depend on more than argmax.
+        return f"text pooling is {getattr(clip, 'text_pool_type', None)!r}, not 'argmax' (EOT)"
+    mask = getattr(clip, "attn_mask", None)
+    if mask is None:
+        return "the text transformer has no causal mask, so every token sees the tokens after EOT"
+    n = mask.shape[-1]
+    causal = torch.full((n, n), float("-inf")).triu_(1)
+    if mask.shape != (n, n) or not torch.equal(mask.float(), causal):
+        return "the text attention mask is not the plain causal mask"
+    return ""
+
+
+def attention_blocks(tower: nn.Module) -> int:
+    """How many attention blocks a tower has: each must become one fused attention node.
+
+    nn.MultiheadAttention covers ViT and text blocks; AttentionPool2d is ModifiedResNet's
+    attention pooling, which calls F.multi_head_attention_forward directly.
+    """
+    from open_clip.modified_resnet import AttentionPool2d
+
+    return sum(isinstance(m, (nn.MultiheadAttention, AttentionPool2d)) for m in tower.modules())
+
+
 class CustomTextTower(nn.Module):
     """A text tower that is already one submodule (`CustomTextCLIP.text`)."""
 
@@ -66,7 +131,10 @@ def image_tower(clip: nn.Module) -> nn.Module:
     return ImageTower(clip)
 
 
-def text_tower(clip: nn.Module) -> nn.Module:
+def text_tower(clip: nn.Module, trimmable: bool = False) -> nn.Module:
+    """The text tower; `trimmable` asks for the variant with a dynamic sequence length."""
+    if trimmable:
+        return TrimmableTextTower(clip)  # type: ignore[arg-type]
     if isinstance(clip, CLIP):
         return BuiltinTextTower(clip)
     if hasattr(clip, "text"):

@@ -8,19 +8,37 @@ so in its record; a required pass that fails stops the build.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Sequence
 
 import onnx
 
-from clipexport.errors import ClipExportError, UsageError
+from clipexport.errors import ClipExportError, PassError, UsageError
+from clipexport.passes.fuse_attention import fuse_attention
+from clipexport.passes.precision import PrecisionPolicy, apply_precision
+from clipexport.passes.quantize import QuantPolicy, quantize
 from clipexport.passes.simplify import simplify
+from clipexport.passes.trim_text import trim_text
 
 
-@dataclass(frozen=True)
+@dataclass
 class PassConfig:
+    """What the passes need to know about one tower's build.
+
+    calibration: sample inputs of the tower (numpy arrays fed to its one input), for the
+    fp16 range guard and the int8/fp8 activation scales. notes: passes append one-line
+    findings here; the build copies them into the manifest.
+    """
+
     tower: str  # "image" or "text"
     precision: str
+    attention_blocks: int | None = None  # fused attention nodes the graph must have
+    trim_text: bool = False  # the text graph has a dynamic 'sequence' axis
+    precision_policy: PrecisionPolicy = field(default_factory=PrecisionPolicy)
+    quant_policy: QuantPolicy = field(default_factory=QuantPolicy)
+    calibration: Sequence[Any] = ()
+    notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)  # per-pass structured results
 
 
 @dataclass(frozen=True)
@@ -34,7 +52,7 @@ class GraphPass:
 @dataclass
 class PassRecord:
     name: str
-    status: str  # "applied", "failed" (graph left as it was) or "disabled"
+    status: str  # "applied", "failed" (graph left as it was), "disabled" or "skipped" (not for this build)
     nodes_before: int
     nodes_after: int
     seconds: float
@@ -46,7 +64,21 @@ class PassRecord:
 
 PIPELINE: tuple[GraphPass, ...] = (
     GraphPass("simplify", simplify, required=False, summary="constant folding and dead-node removal (onnxslim)"),
+    GraphPass("fuse_attention", fuse_attention, required=True,
+              summary="one ONNX Attention node per attention block, counted against the model"),
+    GraphPass("trim_text", trim_text, required=True,
+              summary="text token ids with a dynamic 'sequence' axis (exact EOT trimming)"),
+    GraphPass("precision", apply_precision, required=True,
+              summary="fp16/bf16 written into the graph, safe ops and overflow-prone nodes kept fp32"),
+    GraphPass("quantize", quantize, required=True,
+              summary="int8/fp8 Q/DQ: per-channel weights, calibrated activations"),
 )
+# Passes that only make sense for some builds say so in their record instead of "applied".
+_ACTIVE: dict[str, Callable[[PassConfig], bool]] = {
+    "trim_text": lambda cfg: cfg.tower == "text" and cfg.trim_text,
+    "precision": lambda cfg: cfg.precision in ("fp16", "bf16"),
+    "quantize": lambda cfg: cfg.precision in ("int8", "fp8"),
+}
 
 
 def pass_names() -> list[str]:
@@ -81,13 +113,22 @@ def run_passes(
     unknown = disabled - set(pass_names())
     if unknown:
         raise UsageError(f"unknown pass {sorted(unknown)[0]!r}; passes are: {', '.join(pass_names())}")
+    for name in ("precision", "quantize"):
+        if name in disabled and _ACTIVE[name](cfg):
+            # A disabled precision pass would ship an fp32 graph labelled fp16/int8.
+            raise UsageError(f"pass {name!r} cannot be disabled in a {cfg.precision} build; build fp32 instead")
     records: list[PassRecord] = []
     for graph_pass in PIPELINE:
         before = count_nodes(model)
         if graph_pass.name in disabled:
             records.append(PassRecord(graph_pass.name, "disabled", before, before, 0.0))
             continue
+        if not _ACTIVE.get(graph_pass.name, lambda _cfg: True)(cfg):
+            records.append(PassRecord(graph_pass.name, "skipped", before, before, 0.0,
+                                      f"not used for a {cfg.precision} {cfg.tower} tower"))
+            continue
         start = time.perf_counter()
+        notes_before = len(cfg.notes)
         try:
             candidate = graph_pass.run(model, cfg)
             onnx.checker.check_model(candidate)
@@ -95,13 +136,14 @@ def run_passes(
             raise
         except Exception as exc:  # noqa: BLE001 - third-party passes fail in many ways
             if graph_pass.required:
-                raise ClipExportError(f"pass {graph_pass.name} failed on the {cfg.tower} tower: {exc}") from exc
+                raise PassError(f"pass {graph_pass.name} failed on the {cfg.tower} tower: {exc}") from exc
             detail = f"kept the graph unchanged: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             records.append(PassRecord(graph_pass.name, "failed", before, before, time.perf_counter() - start, detail))
             log(f"pass {graph_pass.name} failed on the {cfg.tower} tower; {detail}")
             continue
         model = candidate
         after = count_nodes(model)
-        records.append(PassRecord(graph_pass.name, "applied", before, after, time.perf_counter() - start))
-        log(f"{graph_pass.name}: {before} -> {after} nodes")
+        detail = "; ".join(cfg.notes[notes_before:])
+        records.append(PassRecord(graph_pass.name, "applied", before, after, time.perf_counter() - start, detail))
+        log(f"{graph_pass.name}: {before} -> {after} nodes" + (f" ({detail})" if detail else ""))
     return model, records

@@ -1,0 +1,144 @@
+"""Running a TensorRT engine from Python, with PyTorch's CUDA tensors as device buffers.
+
+Why torch: it is already what the build uses, it allocates device memory through its
+caching allocator (no cudaMalloc per call), and its streams hand TensorRT a raw
+`cudaStream_t` (`torch.cuda.Stream.cuda_stream`). So no pycuda / cuda-python is needed:
+
+    feeds (CUDA tensors)  -> context.set_input_shape + set_tensor_address(data_ptr)
+    outputs: torch.empty(context.get_tensor_shape(name)) -> set_tensor_address
+    context.execute_async_v3(stream.cuda_stream); stream.synchronize()
+
+Inputs may have any batch (and, for a trimmed text tower, token count) inside the
+engine's optimization profile; outside it is a UsageError, not a TensorRT crash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from clipexport.errors import EngineError, UsageError
+from clipexport.trt.env import load_tensorrt
+from clipexport.trt.profiles import InputProfile
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+    import torch
+
+
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    # Keyed by TensorRT DataType *name*, not value (values were renumbered in 11).
+    return {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
+            "INT64": torch.int64, "INT8": torch.int8, "UINT8": torch.uint8, "BOOL": torch.bool}
+
+
+def _dims(dims: trt.Dims) -> tuple[int, ...]:
+    # trt.Dims is indexable but (per the stubs) not iterable.
+    return tuple(int(dims[i]) for i in range(len(dims)))
+
+
+class TensorRTRunner:
+    """One deserialized engine and one execution context on one CUDA device."""
+
+    def __init__(self, plan: bytes | Path, device: int = 0) -> None:
+        load_tensorrt()
+        import tensorrt as trt
+        import torch
+
+        self.device = torch.device("cuda", device)
+        data = plan.read_bytes() if isinstance(plan, Path) else plan
+        self._logger = trt.Logger(trt.Logger.Severity.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        with torch.cuda.device(self.device):
+            engine = self._runtime.deserialize_cuda_engine(data)
+            if engine is None:
+                raise EngineError("TensorRT could not deserialize the engine (built for another TensorRT or GPU?)")
+            self.engine: trt.ICudaEngine = engine
+            context = engine.create_execution_context()
+            if context is None:
+                raise EngineError("TensorRT could not create an execution context (out of GPU memory?)")
+            self.context: trt.IExecutionContext = context
+        self.stream = torch.cuda.Stream(device=self.device)
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        dtypes = _torch_dtypes()
+        self.dtypes: dict[str, torch.dtype] = {}
+        for name in names:
+            kind = engine.get_tensor_dtype(name).name
+            if kind not in dtypes:
+                raise EngineError(f"engine tensor {name!r} has dtype {kind}, which the runner cannot hold")
+            self.dtypes[name] = dtypes[kind]
+        self.profiles = {n: self._profile(n) for n in self.inputs}
+
+    def _profile(self, name: str) -> InputProfile:
+        lo, opt, hi = self.engine.get_tensor_profile_shape(name, 0)
+        return InputProfile(name, _dims(lo), _dims(opt), _dims(hi))
+
+    def infer(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run once; feeds and results are CUDA tensors on this runner's device."""
+        import torch
+
+        if set(feeds) != set(self.inputs):
+            raise UsageError(f"engine inputs are {self.inputs}; got {sorted(feeds)}")
+        keep: list[torch.Tensor] = []  # converted inputs must live until the stream is done
+        for name in self.inputs:
+            tensor = feeds[name]
+            shape = tuple(int(s) for s in tensor.shape)
+            if not self.profiles[name].contains(shape):
+                p = self.profiles[name]
+                raise UsageError(f"input {name!r} has shape {shape}, outside the engine's profile "
+                                 f"min {p.min} .. max {p.max}")
+            want = self.dtypes[name]
+            if tensor.dtype != want:
+                if tensor.dtype.is_floating_point != want.is_floating_point:
+                    raise UsageError(f"input {name!r} is {tensor.dtype}; the engine takes {want}")
+                tensor = tensor.to(want)
+            tensor = tensor.to(self.device, non_blocking=True).contiguous()
+            keep.append(tensor)
+            if not self.context.set_input_shape(name, shape):
+                raise EngineError(f"TensorRT refused input shape {shape} for {name!r}")
+            self.context.set_tensor_address(name, int(tensor.data_ptr()))
+        results: dict[str, torch.Tensor] = {}
+        for name in self.outputs:
+            shape = _dims(self.context.get_tensor_shape(name))
+            if any(s < 0 for s in shape):
+                raise EngineError(f"output {name!r} shape {shape} is unresolved after setting the input shapes")
+            out = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
+            self.context.set_tensor_address(name, int(out.data_ptr()))
+            results[name] = out
+        # Inputs were produced on the current stream; make ours wait for them.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise EngineError("TensorRT execution failed (execute_async_v3 returned False)")
+        self.stream.synchronize()
+        del keep
+        return results
+
+
+class TensorRTCandidate:
+    """A tower engine as a verify.Candidate: numpy batch in, numpy embeddings out."""
+
+    backend = "tensorrt"
+
+    def __init__(self, plan: bytes | Path, input_name: str, output_name: str | None = None, device: int = 0) -> None:
+        self.runner = TensorRTRunner(plan, device)
+        if input_name not in self.runner.inputs:
+            raise EngineError(f"engine has no input {input_name!r}; it has {self.runner.inputs}")
+        self.input_name = input_name
+        self.output_name = output_name or self.runner.outputs[0]
+        if self.output_name not in self.runner.outputs:
+            raise EngineError(f"engine has no output {self.output_name!r}; it has {self.runner.outputs}")
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        out = self.runner.infer({self.input_name: torch.from_numpy(np.ascontiguousarray(batch))})
+        result: Any = out[self.output_name].float().cpu().numpy()
+        return np.asarray(result)

@@ -1,0 +1,33 @@
+"""Real-size models, one per architecture family, through every pass (slow: minutes each).
+
+    python -m pytest -m slow tests/test_passes_real.py
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from clipexport.build import BuildOptions, build
+
+pytestmark = pytest.mark.slow
+
+# model -> (image attention blocks, text attention blocks)
+FAMILIES = {"ViT-B-32": (12, 12), "RN50": (1, 12)}
+# The issue's gates: cosine per embedding, zero-shot top-1 agreement for int8/fp8.
+COSINE = {"fp32": 0.99999, "fp16": 0.999, "bf16": 0.999, "int8": 0.99, "fp8": 0.99}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "int8", "fp8"])
+@pytest.mark.parametrize("model", sorted(FAMILIES))
+def test_real_model_every_precision(tmp_path, model, precision):
+    result = build(BuildOptions(model=model, pretrained="none", precision=precision, out=tmp_path / "a"))
+    for tower, blocks in zip(("image", "text"), FAMILIES[model]):
+        t = result.manifest["towers"][tower]
+        assert t["attention"]["fused_nodes"] == t["attention"]["blocks"] == blocks
+        parity = t["parity"]
+        assert parity["passed"] and parity["cosine_min"] >= COSINE[precision], parity
+        if precision in ("int8", "fp8"):
+            assert parity["top1_agreement"] == 1.0
+        if tower == "text":
+            assert t["inputs"][0]["shape"] == ["batch", "sequence"]
+            assert min(parity["trimmed_lengths"]) < 77  # parity ran trimmed ids against the 77-token reference

@@ -1,0 +1,132 @@
+"""Exact text-length trimming: a text graph with a dynamic 'sequence' axis, fed max EOT + 1
+columns, gives the embeddings of the full 77-token PyTorch reference."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from clipexport.errors import UnsupportedModelError
+from clipexport.export import export_tower
+from clipexport.models import load_reference
+from clipexport.models.towers import TrimmableTextTower, attention_blocks, text_tower, untrimmable_reason
+from clipexport.passes import PassConfig, run_passes
+from clipexport.prompts import PARITY_PROMPTS
+from clipexport.recipes import BatchRange, load_recipes
+from clipexport.verify import compare, trim_to_eot
+from twins import TWINS, write_twin
+
+
+@pytest.fixture(scope="module", params=sorted(TWINS))
+def exported(request, tmp_path_factory):
+    """(reference, full-length tower, ORT session of the trimmable text graph) per recipe twin."""
+    family = request.param
+    ref = load_reference(write_twin(family, tmp_path_factory.mktemp(family)), "none", seed=2)
+    spec = load_recipes()[family].towers["text"]
+    trimmable = text_tower(ref.model, trimmable=True)
+    graph = export_tower(trimmable, ref.tokenizer()(["a", "b"]), spec, BatchRange(1, 8, 64), 23,
+                         max_sequence=ref.context_length)
+    graph, records = run_passes(graph, PassConfig(tower="text", precision="fp32", trim_text=True,
+                                                  attention_blocks=attention_blocks(trimmable)))
+    assert {r.name: r.status for r in records}["trim_text"] == "applied"
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    return ref, text_tower(ref.model), graph, session
+
+
+def _run(session: ort.InferenceSession, ids: np.ndarray) -> np.ndarray:
+    return session.run(None, {"input_ids": ids})[0]
+
+
+def test_graph_input_is_batch_by_sequence(exported):
+    _, _, graph, _ = exported
+    (ids,) = graph.graph.input
+    assert [d.dim_param for d in ids.type.tensor_type.shape.dim] == ["batch", "sequence"]
+    assert ids.type.tensor_type.elem_type == onnx.TensorProto.INT64  # ids never become floats
+    # nothing in the graph turns the ids into floats
+    ids_consumers = [n for n in graph.graph.node if "input_ids" in n.input]
+    assert all(not (n.op_type == "Cast" and n.attribute[0].i in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16))
+               for n in ids_consumers)
+
+
+def test_trimmable_tower_is_the_builtin_tower_at_full_length(exported):
+    ref, full, _, _ = exported
+    ids = ref.tokenizer()(list(PARITY_PROMPTS))
+    with torch.no_grad():
+        assert torch.equal(TrimmableTextTower(ref.model)(ids), full(ids))
+        assert torch.equal(full(ids), ref.model.encode_text(ids))
+
+
+@pytest.mark.parametrize("prompt_index", range(len(PARITY_PROMPTS)))
+def test_each_prompt_trimmed_matches_the_77_token_reference(exported, prompt_index):
+    ref, full, _, session = exported
+    ids = ref.tokenizer()([PARITY_PROMPTS[prompt_index]])
+    with torch.no_grad():
+        want = full(ids).numpy()
+    trimmed = trim_to_eot(ids.numpy())
+    assert trimmed.shape[1] == int(ids.argmax()) + 1 or trimmed.shape[1] == 2
+    parity = compare(want, _run(session, trimmed), 1)
+    assert parity.cosine_min >= 0.99999 and parity.max_rel_err < 1e-4, parity
+
+
+def test_every_length_from_eot_to_context_gives_the_same_embedding(exported):
+    """Columns after EOT change nothing: lengths EOT+1 .. 77 all match the full reference."""
+    ref, full, _, session = exported
+    ids = ref.tokenizer()(["a photo of a dog.", "a blurry photo of a tabby cat sleeping on a red sofa.", ""])
+    with torch.no_grad():
+        want = full(ids).numpy()
+    shortest = trim_to_eot(ids.numpy()).shape[1]
+    assert shortest < 20  # the batch's longest prompt is short: trimming removes most columns
+    for length in sorted({shortest, shortest + 1, 20, 50, 76, 77}):
+        parity = compare(want, _run(session, np.ascontiguousarray(ids.numpy()[:, :length])), 3)
+        assert parity.cosine_min >= 0.99999 and parity.max_abs_err < 1e-4, (length, parity)
+
+
+def test_cutting_before_eot_is_wrong_and_parity_sees_it(exported):
+    """The check can fail: one column short of the EOT changes the embedding."""
+    ref, full, _, session = exported
+    ids = ref.tokenizer()(["a blurry photo of a tabby cat sleeping on a red sofa."])
+    with torch.no_grad():
+        want = full(ids).numpy()
+    eot = int(ids.argmax())
+    assert compare(want, _run(session, ids.numpy()[:, :eot]), 1).max_rel_err > 1e-3
+
+
+def test_trim_to_eot_keeps_max_eot_plus_one_columns():
+    ids = np.zeros((3, 77), np.int64)
+    ids[0, :3] = [49406, 10, 49407]
+    ids[1, :6] = [49406, 1, 2, 3, 4, 49407]
+    ids[2, :2] = [49406, 49407]
+    assert trim_to_eot(ids).shape == (3, 6)
+    assert trim_to_eot(ids[2:]).shape == (1, 2)
+    assert trim_to_eot(np.zeros((1, 77), np.int64)).shape == (1, 2)  # never below SOT + EOT
+
+
+def test_models_where_trimming_is_not_exact_keep_a_fixed_length(tmp_path):
+    """CLIPA-style text (no causal mask, last-token pooling) cannot be trimmed: say why, export 77."""
+    cfg = json.loads(json.dumps(TWINS["vit"]))
+    cfg["text_cfg"].update({"no_causal_mask": True, "pool_type": "last"})
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    ref = load_reference(f"local-dir:{tmp_path}", "none")
+    reason = untrimmable_reason(ref.model)
+    assert "pooling" in reason or "causal" in reason
+    with pytest.raises(UnsupportedModelError, match="cannot be trimmed"):
+        text_tower(ref.model, trimmable=True)
+
+
+def test_build_manifest_declares_the_sequence_axis(twin, tmp_path):
+    from clipexport.build import BuildOptions, build
+
+    result = build(BuildOptions(model=twin("vit"), pretrained="none", towers=["text"], out=tmp_path / "a"))
+    text = result.manifest["towers"]["text"]
+    assert text["inputs"] == [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}]
+    assert text["sequence"]["axis"] == "sequence" and text["sequence"]["max"] == 77
+    parity = text["parity"]
+    # build parity ran trimmed inputs (several lengths) against the full-length reference
+    assert parity["passed"] and len(set(parity["trimmed_lengths"])) >= 2 and min(parity["trimmed_lengths"]) < 77
+    assert parity["cosine_min"] >= 0.99999
