@@ -302,7 +302,7 @@ def render_markdown(report: Report) -> str:
             base = next((b for b in ok if b.backend == "torch" and b.batch == r.batch), None)
             speedup = f"{base.p50_ms / r.p50_ms:.2f}x" if base and base.p50_ms and r.p50_ms else "-"
             lines.append(f"| {r.backend} | {r.batch} | {r.p50_ms:.2f} | {r.p90_ms:.2f} | {r.p99_ms:.2f} | "
-                         f"{r.items_per_s:.1f} | {r.achieved_gflops:.0f} | {100 * r.fraction_of_gemm:.0f}% | {speedup} |")
+                         f"{r.items_per_s:.1f} | {r.achieved_gflops:.0f} | {100 * (r.fraction_of_gemm or 0):.0f}% | {speedup} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -340,7 +340,7 @@ def embed(directory: Path, images: tuple[Path, ...], texts: tuple[str, ...], tex
     tmp = out.with_name(f".{out.name}.partial")
     with open(tmp, "wb") as fh:
         if suffix == ".npz":
-            np.savez(fh, **arrays)
+            np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub types savez's **kwds as bool
         else:
             np.save(fh, arrays["image" if paths else "text"])
     tmp.replace(out)

@@ -134,7 +134,8 @@ class _Table:
     """A TOML table that remembers which keys were read, so leftovers can be reported."""
 
     def __init__(self, data: Mapping[str, Any], path: Path, where: str) -> None:
-        self.data, self.path, self.where, self.seen = data, path, where, set()
+        self.data, self.path, self.where = data, path, where
+        self.seen: set[str] = set()
 
     def _err(self, msg: str) -> RecipeError:
         return RecipeError(f"{self.path}: {msg}")
