@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from clipexport.errors import RecipeError, UnsupportedModelError, UsageError
-from clipexport.models.architecture import HF_TEXT, TIMM_IMAGE, Families
+from clipexport.models.architecture import HF_TEXT, Families
 
 TOWERS = ("image", "text")
 INPUT_DTYPES = ("float32", "int64", "int32")
@@ -342,8 +342,6 @@ def unsupported_reason(families: Families) -> str:
     if families.multimodal:
         return "CoCa models add a multimodal text decoder; no recipe exports them yet"
     parts = []
-    if families.image == TIMM_IMAGE:
-        parts.append("its image tower comes from timm")
     if families.text == HF_TEXT:
         parts.append("its text tower is a Hugging Face transformer")
     elif families.hf_tokenizer:

@@ -136,9 +136,9 @@ def test_unknown_model_suggests_close_matches(tmp_path):
 
 
 def test_unsupported_model_says_why_in_one_line(tmp_path):
-    out = _bad(tmp_path, "convnext_base", "--pretrained", "none")
+    out = _bad(tmp_path, "coca_ViT-B-32", "--pretrained", "none")
     last = out.strip().splitlines()[-1]
-    assert "unsupported" in last and "timm" in last
+    assert "unsupported" in last and "CoCa" in last
 
 
 def test_missing_checkpoint(twin, tmp_path):
@@ -242,7 +242,7 @@ def test_list_shows_recipes_and_models():
     assert result.exit_code == 0
     assert "vit:" in result.output and "RN50x64" in result.output and "ViT-L-14-336" in result.output
     everything = run("list", "--all").output
-    assert "convnext_base: its image tower comes from timm" in everything
+    assert "ViT-B-16-SigLIP: its text tower reads the Hugging Face tokenizer" in everything
 
 
 def test_help_teaches():

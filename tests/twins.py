@@ -18,6 +18,13 @@ TWINS: dict[str, dict[str, Any]] = {
         "vision_cfg": {"image_size": 32, "layers": 2, "width": 48, "head_width": 24, "patch_size": 8},
         "text_cfg": _TINY_TEXT,
     },
+    "timm": {
+        "embed_dim": 24,
+        # timm's smallest ViT (5.7 M parameters, 12 blocks of width 192); timm builds it for 224x224
+        "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False,
+                       "timm_pool": "token", "timm_proj": "linear", "image_size": 224},
+        "text_cfg": _TINY_TEXT,
+    },
     "modified_resnet": {
         "embed_dim": 24,
         # width 8 -> stage widths 8..256, attention pool over a 2x2 grid with 4 heads
