@@ -24,9 +24,10 @@ from clipexport.artifacts import (
     tensor_infos,
     write_manifest,
 )
-from clipexport.errors import ClipExportError, ParityError, UsageError, WeightsError
+from clipexport.errors import ClipExportError, ParityError, UnsupportedModelError, UsageError, WeightsError
 from clipexport.hashing import file_sha256
-from clipexport.models.architecture import families_of
+from clipexport.models.architecture import HF_TEXT, families_of
+from clipexport.models.hf_text import missing_config_reason
 from clipexport.models.open_clip_source import (
     ReferenceModel,
     canonical_name,
@@ -96,7 +97,10 @@ def plan_build(options: BuildOptions) -> _Plan:
     engines = resolve_backend(options.backend)
     EngineBuildOptions(options.builder_memory_limit, options.builder_optimization_level)  # range checks
     name = canonical_name(options.model)
-    recipe = recipe_for(families_of(model_config(name)), name)
+    cfg = model_config(name)
+    recipe = recipe_for(families_of(cfg), name)
+    if families_of(cfg).text == HF_TEXT and (reason := missing_config_reason(cfg["text_cfg"])):
+        raise UnsupportedModelError(f"{name}: unsupported: {reason}")
     if options.precision not in PRECISIONS:
         raise UsageError(f"--precision {options.precision!r}: this version builds {', '.join(PRECISIONS)}")
     recipe.tolerance(options.precision)
@@ -357,7 +361,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 files.update(engine.files)
                 engine_parities.append(engine.parity)
         if "text" in plan.towers:
-            tokenizer, written = write_tokenizer_assets(ref.model_cfg["text_cfg"], staging.path)
+            tokenizer, written = write_tokenizer_assets(ref, staging.path)
             files.update({name: file_sha256(staging.path / name) for name in written})
         else:
             tokenizer = {"context_length": ref.context_length}

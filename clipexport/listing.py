@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from clipexport.models.architecture import families_of
+from clipexport.models.architecture import HF_TEXT, families_of
+from clipexport.models.hf_text import missing_config_reason
 from clipexport.recipes import Recipe, load_recipes, unsupported_reason
 
 
@@ -14,10 +15,14 @@ def coverage() -> tuple[list[tuple[Recipe, list[str]]], list[tuple[str, str]]]:
     covered: dict[str, list[str]] = {r.name: [] for r in recipes}
     unsupported: list[tuple[str, str]] = []
     for name in open_clip.list_models():
-        families = families_of(open_clip.get_model_config(name))
+        cfg = open_clip.get_model_config(name)
+        families = families_of(cfg)
         match = next((r for r in recipes if r.covers(families)), None)
+        missing = missing_config_reason(cfg["text_cfg"]) if families.text == HF_TEXT else ""
         if match is None:
             unsupported.append((name, unsupported_reason(families)))
+        elif missing:
+            unsupported.append((name, missing))
         else:
             covered[match.name].append(name)
     return [(r, covered[r.name]) for r in recipes], unsupported

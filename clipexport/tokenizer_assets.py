@@ -12,11 +12,15 @@ TOKENIZER_DIR = "tokenizer"
 CLIP_BPE_VOCAB = "bpe_simple_vocab_16e6.txt.gz"
 
 
-def write_tokenizer_assets(text_cfg: dict[str, Any], directory: Path) -> tuple[dict[str, Any], list[str]]:
-    """Write the tokenizer files under `directory/tokenizer/`.
+def write_tokenizer_assets(ref: Any, directory: Path) -> tuple[dict[str, Any], list[str]]:
+    """Write the tokenizer files of `ref` (a ReferenceModel) under `directory/tokenizer/`.
 
     Returns the manifest's `tokenizer` section and the written paths (relative to `directory`).
     """
+    text_cfg = ref.model_cfg["text_cfg"]
+    context_length = int(text_cfg.get("context_length", 77))
+    if ref.text_tokenizer is not None:
+        return _hf_tokenizer_assets(ref.text_tokenizer, context_length, directory)
     if text_cfg.get("hf_tokenizer_name"):
         raise UnsupportedModelError(
             f"Hugging Face tokenizer {text_cfg['hf_tokenizer_name']!r}: not supported by this version"
@@ -30,7 +34,7 @@ def write_tokenizer_assets(text_cfg: dict[str, Any], directory: Path) -> tuple[d
     vocab = f"{TOKENIZER_DIR}/{CLIP_BPE_VOCAB}"
     section = {
         "kind": "clip-bpe",
-        "context_length": int(text_cfg.get("context_length", 77)),
+        "context_length": context_length,
         "vocab": vocab,
         # e.g. {"clean": "canonicalize"} for some configs: the runtime must clean text the same way
         "kwargs": dict(text_cfg.get("tokenizer_kwargs", {})),
@@ -38,3 +42,27 @@ def write_tokenizer_assets(text_cfg: dict[str, Any], directory: Path) -> tuple[d
         "eot_token_id": 49407,
     }
     return section, [vocab]
+
+
+def _hf_tokenizer_assets(tokenizer: Any, context_length: int, directory: Path) -> tuple[dict[str, Any], list[str]]:
+    """A Hugging Face tokenizer's own files, or a record that the artifact has none (synthetic ids)."""
+    if getattr(tokenizer, "kind", "") == "synthetic":
+        return {
+            "kind": "none",
+            "context_length": context_length,
+            "reason": "the tokenizer files were not available at build time; tokenize with the model's "
+                      "Hugging Face tokenizer (pad to context_length) and feed input_ids",
+            "pad_token_id": tokenizer.pad_id,
+        }, []
+    target_dir = directory / TOKENIZER_DIR
+    written = tokenizer.tokenizer.save_pretrained(str(target_dir))
+    files = sorted(
+        f"{TOKENIZER_DIR}/{Path(p).name}" for p in written if Path(p).is_file() and Path(p).parent == target_dir
+    )
+    return {
+        "kind": "hf",
+        "context_length": context_length,
+        "directory": TOKENIZER_DIR,
+        "files": files,
+        "pad_token_id": tokenizer.tokenizer.pad_token_id,
+    }, files

@@ -14,6 +14,8 @@ CASES = [
     pytest.param("ViT-B-32", 224, 512, id="ViT-B-32"),
     pytest.param("RN50", 224, 1024, id="RN50"),
     pytest.param("convnext_base", 224, 512, id="convnext_base"),
+    pytest.param("xlm-roberta-base-ViT-B-32", 224, 512, id="xlm-roberta-base-ViT-B-32"),
+    pytest.param("roberta-ViT-B-32", 224, 512, id="roberta-ViT-B-32", marks=pytest.mark.slow),
     pytest.param("EVA02-B-16", 224, 512, id="EVA02-B-16", marks=pytest.mark.slow),
     pytest.param("MobileCLIP-S1", 256, 512, id="MobileCLIP-S1", marks=pytest.mark.slow),
     pytest.param("ViTamin-S", 224, 384, id="ViTamin-S", marks=pytest.mark.slow),

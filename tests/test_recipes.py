@@ -29,9 +29,11 @@ def test_recipes_load_with_fp32_tolerance_of_the_issue():
         assert recipe.tolerance("fp16").cosine_min >= 0.999 and recipe.tolerance("bf16").cosine_min >= 0.999
         for low in ("int8", "fp8"):
             assert recipe.tolerance(low).cosine_min >= 0.99 and recipe.tolerance(low).top1_agreement_min >= 0.9
-        # timm towers bring attention modules the fusion count cannot name: exported unfused
-        assert recipe.opset >= 23 and recipe.attention == ("none" if recipe.name == "timm" else "onnx")
-        assert recipe.towers["text"].dynamic_sequence and not recipe.towers["image"].dynamic_sequence
+        # timm and Hugging Face towers bring attention modules the fusion count cannot name: exported unfused
+        assert recipe.opset >= 23 and recipe.attention == ("none" if recipe.name in ("timm", "hf_text") else "onnx")
+        # EOT trimming needs the causal CLIP text tower; Hugging Face towers keep a fixed context
+        assert recipe.towers["text"].dynamic_sequence == (recipe.name != "hf_text")
+        assert not recipe.towers["image"].dynamic_sequence
         assert "LayerNormalization" in recipe.precision.keep_fp32_ops and "Softmax" in recipe.precision.keep_fp32_ops
         assert recipe.towers["text"].input_dtype in ("int64", "int32")
         assert 1 in recipe.parity_batch_sizes
@@ -104,7 +106,8 @@ def test_batch_range_parses():
 @pytest.mark.parametrize(
     "model, family",
     [("ViT-B-32", "vit"), ("ViT-L-14-336-quickgelu", "vit"), ("RN50x64", "modified_resnet"), ("RN101", "modified_resnet"),
-     ("convnext_base", "timm"), ("EVA02-B-16", "timm"), ("MobileCLIP-S1", "timm")],
+     ("convnext_base", "timm"), ("EVA02-B-16", "timm"), ("MobileCLIP-S1", "timm"),
+     ("xlm-roberta-base-ViT-B-32", "hf_text"), ("roberta-ViT-B-32", "hf_text")],
 )
 def test_builtin_models_map_to_their_recipe(model, family):
     import open_clip
@@ -116,7 +119,7 @@ def test_builtin_models_map_to_their_recipe(model, family):
     "model, reason",
     [
         ("ViT-B-16-SigLIP", "Hugging Face tokenizer 'timm/ViT-B-16-SigLIP'"),
-        ("xlm-roberta-base-ViT-B-32", "Hugging Face"),
+        ("nllb-clip-base-siglip", "Hugging Face transformer"),
         ("coca_ViT-B-32", "CoCa"),
     ],
 )

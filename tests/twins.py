@@ -25,6 +25,13 @@ TWINS: dict[str, dict[str, Any]] = {
                        "timm_pool": "token", "timm_proj": "linear", "image_size": 224},
         "text_cfg": _TINY_TEXT,
     },
+    "hf_text": {
+        "embed_dim": 24,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 48, "head_width": 24, "patch_size": 8},
+        # "{dir}" is the twin's directory: write_twin puts a tiny XLM-R config and tokenizer there
+        "text_cfg": {"hf_model_name": "{dir}/text-model", "hf_tokenizer_name": "{dir}/text-model",
+                     "hf_pooler_type": "mean_pooler", "hf_proj_type": "mlp"},
+    },
     "modified_resnet": {
         "embed_dim": 24,
         # width 8 -> stage widths 8..256, attention pool over a 2x2 grid with 4 heads
@@ -34,8 +41,42 @@ TWINS: dict[str, dict[str, Any]] = {
 }
 
 
-def write_twin(recipe: str, directory: Path) -> str:
+# A tiny XLM-RoBERTa: the special ids of the real one (<s>=0, <pad>=1, </s>=2), 2 layers of width 32.
+TINY_XLMR = {
+    "architectures": ["XLMRobertaForMaskedLM"], "model_type": "xlm-roberta", "vocab_size": 512,
+    "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+    "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+    "max_position_embeddings": 80, "type_vocab_size": 1, "initializer_range": 0.02, "layer_norm_eps": 1e-5,
+    "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2, "position_embedding_type": "absolute",
+}
+WORDS = ("a photo of the an dog cat car red blue small large picture drawing diagram city night day sea "
+         "tree house person people two one on in with at une d'un café paris très").split()
+
+
+def write_tiny_hf_text_model(directory: Path, tokenizer: bool = True) -> None:
+    """A local directory of 'hub files': config.json and, optionally, a word-level tokenizer."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(TINY_XLMR))
+    if not tokenizer:
+        return
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(str(directory))
+
+
+def write_twin(recipe: str, directory: Path, tokenizer: bool = True) -> str:
     """Write an open_clip `local-dir:` model directory for a recipe's twin; return the model name."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": TWINS[recipe]}))
+    cfg = json.loads(json.dumps(TWINS[recipe]).replace("{dir}", str(directory)))
+    if recipe == "hf_text":
+        write_tiny_hf_text_model(directory / "text-model", tokenizer=tokenizer)
+    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
     return f"local-dir:{directory}"

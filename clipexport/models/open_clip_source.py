@@ -10,13 +10,15 @@ import contextlib
 import difflib
 import json
 import logging
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from clipexport.errors import UnknownModelError, WeightsError
-from clipexport.models.architecture import Families, families_of
+from clipexport.models.architecture import HF_TEXT, Families, families_of
+from clipexport.models.hf_text import load_tokenizer, offline_text_cfg, scratch_dir
 from clipexport.models.weights import FILE, RANDOM, TAG, WeightsSpec, parse_pretrained
 
 LOCAL_DIR = "local-dir:"
@@ -103,6 +105,8 @@ class ReferenceModel:
     families: Families
     weights: WeightsSpec
     notes: list[str] = field(default_factory=list)
+    # set for Hugging Face text towers: their own tokenizer, or synthetic ids when it is not here
+    text_tokenizer: Any = None
 
     @property
     def image_size(self) -> int:
@@ -123,6 +127,8 @@ class ReferenceModel:
     def tokenizer(self) -> Any:
         import open_clip
 
+        if self.text_tokenizer is not None:
+            return self.text_tokenizer
         return open_clip.get_tokenizer(self.name)
 
 
@@ -162,6 +168,33 @@ def load_reference(name: str, pretrained: str | None = None, seed: int = 0) -> R
         notes.append(f"{source} need QuickGELU: building {name} with QuickGELU (as {name}-quickgelu)")
         cfg = {**cfg, "quick_gelu": True}
 
+    scratch = None
+    if families.text == HF_TEXT:
+        # open_clip would ask the hub for the text model's config.json: give it a local one.
+        scratch = scratch_dir()
+        text_cfg, source = offline_text_cfg(cfg["text_cfg"], scratch)
+        kwargs.update(text_cfg=text_cfg, pretrained_text=False)
+        notes.append(source)
+    try:
+        model = _create(open_clip, torch, name, weights, seed, kwargs)
+        text_tokenizer = None
+        if scratch is not None:
+            text_tokenizer, source = load_tokenizer(kwargs["text_cfg"], int(cfg["text_cfg"].get("context_length", 77)))
+            notes.append(source)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if weights.kind == FILE:
+        _load_checkpoint(model, weights, name)
+    model.eval().requires_grad_(False)
+    if weights.kind == RANDOM:
+        notes.append(f"random weights (seed {seed}): embeddings carry no meaning, parity still does")
+    return ReferenceModel(name=name, model=model, model_cfg=cfg, families=families, weights=weights, notes=notes,
+                          text_tokenizer=text_tokenizer)
+
+
+def _create(open_clip: Any, torch: Any, name: str, weights: WeightsSpec, seed: int, kwargs: dict[str, Any]) -> Any:
+    """open_clip.create_model under a fixed seed, with download failures turned into WeightsError."""
     # fork_rng: seeding for the init must not change the caller's random stream.
     with torch.random.fork_rng(devices=[]), _quiet_open_clip(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -178,12 +211,7 @@ def load_reference(name: str, pretrained: str | None = None, seed: int = 0) -> R
                     f"({_first_line(exc)}). {OFFLINE_HINT}"
                 ) from None
             raise
-    if weights.kind == FILE:
-        _load_checkpoint(model, weights, name)
-    model.eval().requires_grad_(False)
-    if weights.kind == RANDOM:
-        notes.append(f"random weights (seed {seed}): embeddings carry no meaning, parity still does")
-    return ReferenceModel(name=name, model=model, model_cfg=cfg, families=families, weights=weights, notes=notes)
+    return model
 
 
 def _load_checkpoint(model: Any, weights: WeightsSpec, name: str) -> None:

@@ -14,6 +14,7 @@ from clipexport.artifacts import check_files, read_manifest
 from clipexport.errors import ArtifactError, InputError, UsageError
 from clipexport.runtime.backends import Backend, open_backend
 from clipexport.runtime.preprocess import ImageInput, ImagePreprocessor, PreprocessConfig, as_image_list
+from clipexport.runtime.hf_tokenizer import HFRuntimeTokenizer
 from clipexport.runtime.tokenizer import ClipTokenizer, as_text_list
 
 #: Zero-shot template when classify() gets none.
@@ -84,20 +85,32 @@ class Runtime:
             if all(isinstance(s, int) for s in static) and tuple(static) != expected:
                 raise ArtifactError(f"{directory}: image tower takes {list(static)} but preprocess gives {list(expected)}")
 
-        self._tokenizer: ClipTokenizer | None = None
+        self._tokenizer: ClipTokenizer | HFRuntimeTokenizer | None = None
+        self._no_tokenizer_reason = ""
+        self._context_length = 0
         self.trims_text = False
         if "text" in self.towers:
             if "tokenizer" not in manifest:
                 raise ArtifactError(f"{directory}: manifest has a text tower but no tokenizer section")
-            self._tokenizer = ClipTokenizer.from_manifest(self.directory, manifest["tokenizer"])
+            section = manifest["tokenizer"]
+            self._context_length = int(section.get("context_length", 77))
+            if section.get("kind") == "hf":
+                self._tokenizer = HFRuntimeTokenizer.from_manifest(self.directory, section)
+            elif section.get("kind") == "none":
+                # built without the tokenizer's files: encode_tokens(ids) still works
+                self._no_tokenizer_reason = str(section.get("reason", "the build had no tokenizer files"))
+            else:
+                self._tokenizer = ClipTokenizer.from_manifest(self.directory, section)
             shape = self._io["text"].shape
             if len(shape) != 2:
                 raise ArtifactError(f"{directory}: text tower input has shape {list(shape)}, expected [batch, length]")
-            if isinstance(shape[1], int) and shape[1] != self._tokenizer.context_length:
+            if isinstance(shape[1], int) and shape[1] != self._context_length:
                 raise ArtifactError(f"{directory}: text tower takes {shape[1]} tokens but the tokenizer makes "
-                                    f"{self._tokenizer.context_length}")
-            # A symbolic sequence axis means the graph was exported for exact EOT trimming.
-            self.trims_text = isinstance(shape[1], str) and backend.dynamic_text_length
+                                    f"{self._context_length}")
+            # A symbolic sequence axis means the graph was exported for exact EOT trimming (CLIP BPE ids,
+            # where 0 pads after EOT).
+            self.trims_text = (isinstance(shape[1], str) and backend.dynamic_text_length
+                               and isinstance(self._tokenizer, ClipTokenizer))
 
     # -- properties ------------------------------------------------------------------------
 
@@ -108,7 +121,8 @@ class Runtime:
 
     @property
     def context_length(self) -> int:
-        return self._require_tokenizer().context_length
+        self._require_tower("text")
+        return self._context_length
 
     @property
     def embed_dim(self) -> int | None:
@@ -116,7 +130,7 @@ class Runtime:
         return dims[0] if dims else None
 
     @property
-    def tokenizer(self) -> ClipTokenizer:
+    def tokenizer(self) -> ClipTokenizer | HFRuntimeTokenizer:
         return self._require_tokenizer()
 
     def details(self) -> dict[str, Any]:
@@ -188,14 +202,14 @@ class Runtime:
         of the full context.
         """
         self._require_tower("text")
-        tokenizer = self._require_tokenizer()
-        length = tokenizer.context_length
+        length = self.context_length
         if not isinstance(ids, np.ndarray) or ids.dtype.kind not in "iu":
             raise InputError(f"ids: expected an integer numpy array [N, {length}], got {_describe(ids)}")
         if ids.ndim != 2 or ids.shape[1] != length:
             raise InputError(f"ids: expected shape [N, {length}], got {list(ids.shape)}")
-        if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
-            raise InputError(f"ids: values must lie in 0..{tokenizer.vocab_size - 1}, got {ids.min()}..{ids.max()}")
+        vocab_size = self._tokenizer.vocab_size if self._tokenizer is not None else None
+        if ids.size and (ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size)):
+            raise InputError(f"ids: values must lie in 0..{(vocab_size or 0) - 1}, got {ids.min()}..{ids.max()}")
         size = self._batch_size(batch_size)
         if not self.trims_text:
             chunks = [self._run("text", ids[i:i + size]) for i in range(0, len(ids), size)]
@@ -304,9 +318,12 @@ class Runtime:
             raise ArtifactError(f"{self.directory}: no preprocess section")  # pragma: no cover
         return self._preprocessor
 
-    def _require_tokenizer(self) -> ClipTokenizer:
+    def _require_tokenizer(self) -> ClipTokenizer | HFRuntimeTokenizer:
         if self._tokenizer is None:
             self._require_tower("text")
+            if self._no_tokenizer_reason:
+                raise InputError(f"{self.directory} has no tokenizer ({self._no_tokenizer_reason}); "
+                                 "tokenize the texts yourself and call encode_tokens(ids)")
             raise ArtifactError(f"{self.directory}: no tokenizer section")  # pragma: no cover
         return self._tokenizer
 
