@@ -230,7 +230,6 @@ def run_bench(directory: Path, config: BenchConfig, progress: Progress | None = 
     import torch
 
     from clipexport.models import load_reference
-    from clipexport.models.towers import image_tower, text_tower
 
     progress = progress or Progress(quiet=True)
     if config.device == "cuda" and not torch.cuda.is_available():
@@ -249,7 +248,7 @@ def run_bench(directory: Path, config: BenchConfig, progress: Progress | None = 
     tokenizer = ref.tokenizer()
     for tower in towers:
         info = manifest["towers"][tower]
-        module = image_tower(ref.model) if tower == "image" else text_tower(ref.model)
+        module = ref.tower(tower)
         make = (lambda b: torch.randn(b, 3, ref.image_size, ref.image_size)) if tower == "image" else (
             lambda b: tokenizer(_prompts(b)))
         flops = _flops_per_item(module, make(1))

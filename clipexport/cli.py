@@ -135,7 +135,10 @@ def list_models(show_all: bool) -> None:
         _fail(exc)
     for recipe, models in covered:
         click.echo(f"{recipe.name}: {recipe.summary}  [{recipe.path.name}]")
-        click.echo(f"  {len(models)} models: {', '.join(models)}")
+        if models:
+            click.echo(f"  {len(models)} models: {', '.join(models)}")
+        else:
+            click.echo("  no open_clip names: build hf:DIR (a directory written by CLIPModel.save_pretrained)")
     click.echo(f"unsupported: {len(unsupported)} models" + ("" if show_all else " (--all lists them)"))
     if show_all:
         for name, reason in unsupported:

@@ -19,13 +19,14 @@ def write_tokenizer_assets(ref: Any, directory: Path) -> tuple[dict[str, Any], l
     """
     text_cfg = ref.model_cfg["text_cfg"]
     context_length = int(text_cfg.get("context_length", 77))
-    if ref.text_tokenizer is not None:
+    import open_clip.tokenizer as oc_tokenizer
+
+    if ref.text_tokenizer is not None and not isinstance(ref.text_tokenizer, oc_tokenizer.SimpleTokenizer):
         return _hf_tokenizer_assets(ref.text_tokenizer, context_length, directory)
     if text_cfg.get("hf_tokenizer_name"):
         raise UnsupportedModelError(
             f"Hugging Face tokenizer {text_cfg['hf_tokenizer_name']!r}: not supported by this version"
         )
-    import open_clip.tokenizer as oc_tokenizer
 
     source = Path(oc_tokenizer.__file__).with_name(CLIP_BPE_VOCAB)
     target_dir = directory / TOKENIZER_DIR

@@ -30,9 +30,9 @@ def test_recipes_load_with_fp32_tolerance_of_the_issue():
         for low in ("int8", "fp8"):
             assert recipe.tolerance(low).cosine_min >= 0.99 and recipe.tolerance(low).top1_agreement_min >= 0.9
         # timm and Hugging Face towers bring attention modules the fusion count cannot name: exported unfused
-        assert recipe.opset >= 23 and recipe.attention == ("none" if recipe.name in ("timm", "hf_text") else "onnx")
+        assert recipe.opset >= 23 and recipe.attention == ("none" if recipe.name in ("timm", "hf_text", "hf_clip") else "onnx")
         # EOT trimming needs the causal CLIP text tower; Hugging Face towers keep a fixed context
-        assert recipe.towers["text"].dynamic_sequence == (recipe.name != "hf_text")
+        assert recipe.towers["text"].dynamic_sequence == (recipe.name not in ("hf_text", "hf_clip"))
         assert not recipe.towers["image"].dynamic_sequence
         assert "LayerNormalization" in recipe.precision.keep_fp32_ops and "Softmax" in recipe.precision.keep_fp32_ops
         assert recipe.towers["text"].input_dtype in ("int64", "int32")

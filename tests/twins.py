@@ -32,6 +32,9 @@ TWINS: dict[str, dict[str, Any]] = {
         "text_cfg": {"hf_model_name": "{dir}/text-model", "hf_tokenizer_name": "{dir}/text-model",
                      "hf_pooler_type": "mean_pooler", "hf_proj_type": "mlp"},
     },
+    # built by write_tiny_hf_clip (a transformers CLIPConfig), described here by its sizes
+    "hf_clip": {"source": "transformers", "embed_dim": 24, "vision_cfg": {"image_size": 32, "patch_size": 8},
+                "text_cfg": {"context_length": 77, "vocab_size": 49408}},
     "modified_resnet": {
         "embed_dim": 24,
         # width 8 -> stage widths 8..256, attention pool over a 2x2 grid with 4 heads
@@ -72,9 +75,31 @@ def write_tiny_hf_text_model(directory: Path, tokenizer: bool = True) -> None:
                             unk_token="<unk>").save_pretrained(str(directory))
 
 
+def write_tiny_hf_clip(directory: Path, weights: bool = False, seed: int = 0) -> str:
+    """A transformers CLIPModel twin saved with save_pretrained: config only, or config + weights."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77),
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=24,
+    )
+    if weights:
+        torch.manual_seed(seed)
+        CLIPModel(config).save_pretrained(str(directory))
+    else:
+        config.save_pretrained(str(directory))
+    return f"hf:{directory}"
+
+
 def write_twin(recipe: str, directory: Path, tokenizer: bool = True) -> str:
     """Write an open_clip `local-dir:` model directory for a recipe's twin; return the model name."""
     directory.mkdir(parents=True, exist_ok=True)
+    if recipe == "hf_clip":
+        return write_tiny_hf_clip(directory)
     cfg = json.loads(json.dumps(TWINS[recipe]).replace("{dir}", str(directory)))
     if recipe == "hf_text":
         write_tiny_hf_text_model(directory / "text-model", tokenizer=tokenizer)

@@ -17,6 +17,9 @@ TEXT_TRANSFORMER = "text-transformer"
 # the tokenizer's files come from the hub, and pooling is not always argmax-on-EOT.
 TEXT_TRANSFORMER_HF_TOKENIZER = "text-transformer-hf-tokenizer"
 HF_TEXT = "hf-text"
+# transformers' CLIPModel (vision_model + visual_projection, text_model + text_projection)
+HF_CLIP_VISION = "hf-clip-vision"
+HF_CLIP_TEXT = "hf-clip-text"
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,9 @@ class Families:
 
 
 def families_of(model_cfg: Mapping[str, Any]) -> Families:
-    """Classify an open_clip model config dict."""
+    """Classify an open_clip model config dict (or the summary models/hf_clip.py makes of a CLIPConfig)."""
+    if model_cfg.get("source") == "transformers":
+        return Families(image=HF_CLIP_VISION, text=HF_CLIP_TEXT, multimodal=False)
     vision = model_cfg.get("vision_cfg", {})
     text = model_cfg.get("text_cfg", {})
     if "timm_model_name" in vision and vision.get("timm_model_name"):

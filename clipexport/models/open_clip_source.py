@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from clipexport.errors import UnknownModelError, WeightsError
-from clipexport.models.architecture import HF_TEXT, Families, families_of
+from clipexport.models import hf_clip
+from clipexport.models.architecture import HF_CLIP_VISION, HF_TEXT, Families, families_of
 from clipexport.models.hf_text import load_tokenizer, offline_text_cfg, scratch_dir
 from clipexport.models.weights import FILE, RANDOM, TAG, WeightsSpec, parse_pretrained
 
@@ -32,6 +33,8 @@ def canonical_name(name: str) -> str:
     """Resolve a user's model name to open_clip's, or raise with the closest matches."""
     import open_clip
 
+    if hf_clip.is_hf_name(name):
+        return hf_clip.resolve(name)
     if name.startswith(LOCAL_DIR):
         directory = Path(name[len(LOCAL_DIR):]).expanduser()
         if not (directory / "open_clip_config.json").is_file():
@@ -61,6 +64,8 @@ def model_config(name: str) -> dict[str, Any]:
     """open_clip's config dict of a canonical model name."""
     import open_clip
 
+    if hf_clip.is_hf_name(name):
+        return hf_clip.model_config(name)
     if name.startswith(LOCAL_DIR):
         path = Path(name[len(LOCAL_DIR):]) / "open_clip_config.json"
         try:
@@ -80,7 +85,7 @@ def model_config(name: str) -> dict[str, Any]:
 def known_tags(name: str) -> list[str]:
     import open_clip
 
-    if name.startswith(LOCAL_DIR):
+    if name.startswith(LOCAL_DIR) or hf_clip.is_hf_name(name):
         return []
     return list(open_clip.list_pretrained_tags_by_model(name))
 
@@ -88,6 +93,11 @@ def known_tags(name: str) -> list[str]:
 def default_pretrained(name: str) -> str:
     """What a build uses when `--pretrained` is not given: the model's first published tag."""
     tags = known_tags(name)
+    if hf_clip.is_hf_name(name):
+        weights = hf_clip.weights_file(name)
+        if weights is None:
+            raise WeightsError(f"{name} holds no weights ({', '.join(hf_clip.WEIGHT_FILES)}): pass --pretrained none")
+        return str(weights)
     if name.startswith(LOCAL_DIR):
         return "none"
     if not tags:
@@ -110,6 +120,8 @@ class ReferenceModel:
 
     @property
     def image_size(self) -> int:
+        if self.families.image == HF_CLIP_VISION:
+            return int(self.model_cfg["vision_cfg"]["image_size"])
         size = self.model.visual.image_size
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
@@ -119,10 +131,20 @@ class ReferenceModel:
 
     def preprocess_config(self) -> dict[str, Any]:
         """What the runtime needs to preprocess images exactly as open_clip does for these weights."""
+        if self.families.image == HF_CLIP_VISION:
+            return hf_clip.preprocess_config(self.name, self.image_size)
         from open_clip.model import get_model_preprocess_cfg
 
         cfg = dict(get_model_preprocess_cfg(self.model))
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+    def tower(self, name: str) -> Any:
+        """The image or text tower as an nn.Module of one tensor (see models/towers.py)."""
+        if self.families.image == HF_CLIP_VISION:
+            return hf_clip.tower(self.model, name)
+        from clipexport.models.towers import image_tower, text_tower
+
+        return image_tower(self.model) if name == "image" else text_tower(self.model)
 
     def tokenizer(self) -> Any:
         import open_clip
@@ -156,6 +178,8 @@ def load_reference(name: str, pretrained: str | None = None, seed: int = 0) -> R
     cfg = model_config(name)
     families = families_of(cfg)
     weights = parse_pretrained(pretrained or default_pretrained(name), seed, known_tags(name), name)
+    if hf_clip.is_hf_name(name):
+        return _load_hf_clip(name, cfg, families, weights, seed)
     notes: list[str] = []
     kwargs: dict[str, Any] = {}
     wants_quick_gelu = (
@@ -191,6 +215,27 @@ def load_reference(name: str, pretrained: str | None = None, seed: int = 0) -> R
         notes.append(f"random weights (seed {seed}): embeddings carry no meaning, parity still does")
     return ReferenceModel(name=name, model=model, model_cfg=cfg, families=families, weights=weights, notes=notes,
                           text_tokenizer=text_tokenizer)
+
+
+def _load_hf_clip(name: str, cfg: dict[str, Any], families: Families, weights: WeightsSpec, seed: int) -> ReferenceModel:
+    """A transformers CLIPModel: its directory's own weights file, or random weights under `seed`."""
+    import open_clip
+    import torch
+
+    if weights.kind == FILE and Path(weights.value).parent != hf_clip.directory_of(name):
+        raise WeightsError(f"{name}: --pretrained must be none or the directory's own weights file")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = hf_clip.create(name, load_weights=weights.kind == FILE)
+    notes = [f"transformers CLIPModel from {hf_clip.directory_of(name)}"]
+    tokenizer = None
+    if cfg["text_cfg"]["vocab_size"] == hf_clip.CLIP_BPE_VOCAB_SIZE:
+        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
+        notes.append("text vocabulary of 49408: the CLIP BPE tokenizer (open_clip's ids)")
+    if weights.kind == RANDOM:
+        notes.append(f"random weights (seed {seed}): embeddings carry no meaning, parity still does")
+    return ReferenceModel(name=name, model=model, model_cfg=cfg, families=families, weights=weights, notes=notes,
+                          text_tokenizer=tokenizer)
 
 
 def _create(open_clip: Any, torch: Any, name: str, weights: WeightsSpec, seed: int, kwargs: dict[str, Any]) -> Any:

@@ -55,7 +55,7 @@ class BuiltinTextTower(nn.Module):
         self.eval().requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return CLIP.encode_text(self, input_ids)  # type: ignore[arg-type]
+        return CLIP.encode_text(self, input_ids)
 
 
 class TrimmableTextTower(BuiltinTextTower):
@@ -134,7 +134,7 @@ def image_tower(clip: nn.Module) -> nn.Module:
 def text_tower(clip: nn.Module, trimmable: bool = False) -> nn.Module:
     """The text tower; `trimmable` asks for the variant with a dynamic sequence length."""
     if trimmable:
-        return TrimmableTextTower(clip)  # type: ignore[arg-type]
+        return TrimmableTextTower(clip)
     if isinstance(clip, CLIP):
         return BuiltinTextTower(clip)
     if hasattr(clip, "text"):

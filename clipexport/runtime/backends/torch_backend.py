@@ -26,7 +26,6 @@ class TorchBackend(Backend):
             import torch
 
             from clipexport.models import load_reference
-            from clipexport.models.towers import image_tower, text_tower
             from clipexport.models.weights import FILE
         except ImportError as exc:
             raise BackendUnavailableError(
@@ -53,7 +52,7 @@ class TorchBackend(Backend):
         ref = load_reference(manifest["model"], weights["value"], int(weights["seed"]))
         self._modules: dict[str, Any] = {}
         for tower in manifest["towers"]:
-            module = image_tower(ref.model) if tower == "image" else text_tower(ref.model)
+            module = ref.tower(tower)
             self._modules[tower] = module.to(self._device).eval()
 
     @property

@@ -1,0 +1,93 @@
+"""transformers CLIPModel as a source: from a CLIPConfig directory and from save_pretrained weights."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+import clipexport
+from clipexport.build import BuildOptions, build, verify_artifact
+from clipexport.cli import cli
+from twins import write_tiny_hf_clip
+
+PROMPTS = ["a photo of a dog.", "a diagram", "東京の夜景の写真", ""]
+
+
+def test_from_a_clip_config_with_random_weights(tmp_path):
+    model = write_tiny_hf_clip(tmp_path / "cfg")
+    result = build(BuildOptions(model=model, pretrained="none", out=tmp_path / "art"))
+    manifest = result.manifest
+    assert manifest["recipe"] == "hf_clip" and manifest["families"] == {"image": "hf-clip-vision", "text": "hf-clip-text"}
+    towers = manifest["towers"]
+    assert towers["image"]["inputs"][0]["shape"] == ["batch", 3, 32, 32]
+    assert towers["image"]["outputs"][0]["shape"] == ["batch", 24]
+    assert towers["text"]["inputs"][0] == {"name": "input_ids", "dtype": "int64", "shape": ["batch", 77]}
+    assert all(p.passed and p.cosine_min >= 0.99999 for p in result.parity.values())
+    # each tower file holds only its own weights
+    assert (tmp_path / "art" / "image.onnx").stat().st_size < (tmp_path / "art" / "text.onnx").stat().st_size
+
+
+def test_from_save_pretrained_weights_matches_transformers(tmp_path):
+    from transformers import CLIPModel
+
+    model = write_tiny_hf_clip(tmp_path / "saved", weights=True, seed=5)
+    out = tmp_path / "art"
+    result = build(BuildOptions(model=model, out=out))  # default: the directory's own weights
+    assert result.manifest["weights"]["kind"] == "file"
+    assert result.manifest["weights"]["value"].endswith("model.safetensors")
+
+    hf = CLIPModel.from_pretrained(str(tmp_path / "saved")).eval()
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ids = clipexport.load(out).tokenize(PROMPTS)
+    with torch.no_grad():
+        want_image = hf.get_image_features(pixel_values=pixels).pooler_output.numpy()
+        want_text = hf.get_text_features(input_ids=torch.from_numpy(ids)).pooler_output.numpy()
+    got_image = ort.InferenceSession(str(out / "image.onnx")).run(None, {"pixel_values": pixels.numpy()})[0]
+    got_text = ort.InferenceSession(str(out / "text.onnx")).run(None, {"input_ids": ids})[0]
+    assert np.abs(got_image - want_image).max() < 1e-5 * max(1.0, np.abs(want_image).max())
+    assert np.abs(got_text - want_text).max() < 1e-5 * max(1.0, np.abs(want_text).max())
+    # transformers' own CLIP tokenizer would pad with EOT, ours with 0: EOT pooling never reads the padding
+    padded = ids.copy()
+    padded[padded == 0] = 49407
+    with torch.no_grad():
+        other = hf.get_text_features(input_ids=torch.from_numpy(padded)).pooler_output.numpy()
+    assert np.abs(other - want_text).max() < 1e-5
+
+    checked = verify_artifact(out)
+    assert set(checked["parity"]) == {"image", "text"}
+
+
+def test_bad_sources_are_clear(tmp_path):
+    runner = CliRunner()
+    empty = write_tiny_hf_clip(tmp_path / "cfg-only")
+    no_weights = runner.invoke(cli, ["build", empty, "--out", str(tmp_path / "a")])
+    assert no_weights.exit_code == 1 and "holds no weights" in no_weights.output and "--pretrained none" in no_weights.output
+    missing = runner.invoke(cli, ["build", f"hf:{tmp_path / 'nothing-here' / 'x'}", "--pretrained", "none"])
+    assert missing.exit_code == 1 and "no such directory" in missing.output
+    other = tmp_path / "bert"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    wrong = runner.invoke(cli, ["build", f"hf:{other}", "--pretrained", "none"])
+    assert wrong.exit_code == 1 and "model_type 'bert'" in wrong.output
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    hub = runner.invoke(cli, ["build", "hf:openai/clip-vit-base-patch32", "--pretrained", "none"])
+    assert hub.exit_code == 1 and "save_pretrained" in hub.output
+
+
+@pytest.mark.slow
+def test_clip_model_at_vit_b_32_size(tmp_path):
+    """CLIPConfig()'s defaults are OpenAI's ViT-B/32: 224 px, patch 32, 12 + 12 layers, 512-d embeddings."""
+    from transformers import CLIPConfig
+
+    CLIPConfig().save_pretrained(str(tmp_path / "b32"))
+    result = build(BuildOptions(model=f"hf:{tmp_path / 'b32'}", pretrained="none", out=tmp_path / "art"))
+    assert result.manifest["towers"]["image"]["outputs"][0]["shape"] == ["batch", 512]
+    for parity in result.parity.values():
+        assert parity.passed and parity.cosine_min >= 0.99999 and parity.max_rel_err <= 1e-4, parity.summary()
+        print(parity.summary())
