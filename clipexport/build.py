@@ -136,9 +136,7 @@ def _example_input(ref: ReferenceModel, tower: str) -> Any:
 
 
 def _tower_module(ref: ReferenceModel, tower: str) -> Any:
-    from clipexport.models.towers import image_tower, text_tower
-
-    return image_tower(ref.model) if tower == "image" else text_tower(ref.model)
+    return ref.tower(tower)
 
 
 def _trimmable(ref: ReferenceModel, tower: str, spec: TowerSpec) -> tuple[bool, str]:
@@ -159,13 +157,12 @@ def _anchors(ref: ReferenceModel, tower: str, seed: int) -> Any:
     import torch
 
     from clipexport.calibration import class_prompts
-    from clipexport.models.towers import image_tower, text_tower
 
     with torch.no_grad():
         if tower == "image":
-            return text_tower(ref.model)(ref.tokenizer()(class_prompts())).float().numpy()
+            return ref.tower("text")(ref.tokenizer()(class_prompts())).float().numpy()
         pixels = image_inputs([16], ref.image_size, seed + 1)[0]
-        return image_tower(ref.model)(pixels).float().numpy()
+        return ref.tower("image")(pixels).float().numpy()
 
 
 def _calibration(ref: ReferenceModel, tower: str, options: BuildOptions, recipe: Recipe) -> Any:
