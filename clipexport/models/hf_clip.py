@@ -67,14 +67,14 @@ def model_config(name: str) -> dict[str, Any]:
     """An open_clip-shaped summary (embed_dim, vision_cfg, text_cfg) around the CLIPConfig."""
     from transformers import CLIPConfig
 
-    config = CLIPConfig.from_pretrained(str(directory_of(name)))
+    config = CLIPConfig.from_pretrained(str(directory_of(name))).to_dict()
+    vision, text = config["vision_config"], config["text_config"]
     return {
         "source": "transformers",
-        "embed_dim": config.projection_dim,
-        "vision_cfg": {"image_size": config.vision_config.image_size, "patch_size": config.vision_config.patch_size},
-        "text_cfg": {"context_length": config.text_config.max_position_embeddings,
-                     "vocab_size": config.text_config.vocab_size},
-        "clip_config": config.to_dict(),
+        "embed_dim": config["projection_dim"],
+        "vision_cfg": {"image_size": vision["image_size"], "patch_size": vision["patch_size"]},
+        "text_cfg": {"context_length": text["max_position_embeddings"], "vocab_size": text["vocab_size"]},
+        "clip_config": config,
     }
 
 
