@@ -11,10 +11,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import warnings
-from typing import Iterator
-
 import math
+import warnings
+from collections.abc import Iterator
 
 import onnx
 import torch
@@ -67,7 +66,7 @@ def _unfused_sdpa(
 def unfused_attention() -> Iterator[None]:
     """While active, F.scaled_dot_product_attention (also inside nn.MultiheadAttention) is plain math."""
     original = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = _unfused_sdpa  # type: ignore[assignment]
+    F.scaled_dot_product_attention = _unfused_sdpa
     try:
         yield
     finally:
@@ -135,7 +134,7 @@ def export_tower(
                 opset_version=opset,
                 verbose=False,
             )
-    except Exception as exc:  # noqa: BLE001 - the exporter raises many types; all mean "cannot export"
+    except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ExportError(f"torch.onnx could not export the {spec.input_name} tower: {first[:400]}") from exc
     if program is None:

@@ -8,11 +8,13 @@ An unknown or missing key is an error that names the file and the key.
 
 from __future__ import annotations
 
-import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+
+import tomllib
 
 from clipexport.errors import RecipeError, UnsupportedModelError, UsageError
 from clipexport.models.architecture import HF_TEXT, Families
@@ -45,7 +47,7 @@ class BatchRange:
         return f"{self.min}:{self.opt}:{self.max}"
 
     @classmethod
-    def parse(cls, text: str) -> "BatchRange":
+    def parse(cls, text: str) -> BatchRange:
         """Parse `MIN:OPT:MAX`, e.g. `1:8:64`."""
         parts = text.split(":")
         if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
@@ -153,7 +155,7 @@ class _Table:
             raise self._err(f"key {full!r} has type {type(value).__name__}, expected {_type_names(kind)}")
         return value
 
-    def table(self, key: str) -> "_Table":
+    def table(self, key: str) -> _Table:
         return _Table(self.get(key, dict), self.path, f"{self.where}{key}.")
 
     def done(self) -> None:
@@ -308,7 +310,7 @@ def recipes_dir() -> Path:
     raise RecipeError(f"no recipes directory found next to {here} (looked for _recipes/ and ../recipes/)")
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_recipes(directory: Path | None = None) -> dict[str, Recipe]:
     """All recipes of a directory, by name. Two recipes for the same families is an error."""
     directory = directory or recipes_dir()

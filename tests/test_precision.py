@@ -10,7 +10,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from twins import TWINS, write_twin
 
+from clipexport.build import _trimmable
 from clipexport.export import export_tower
 from clipexport.models import load_reference
 from clipexport.models.towers import attention_blocks, image_tower, text_tower
@@ -18,7 +20,6 @@ from clipexport.passes import PassConfig, run_passes
 from clipexport.passes.precision import FP16_MAX, PrecisionReport, convert_precision, emulate_on_fp32
 from clipexport.recipes import BatchRange, load_recipes
 from clipexport.verify import compare, trim_to_eot
-from twins import TWINS, write_twin
 
 F16, BF16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
 LOW = {"fp16": F16, "bf16": BF16}
@@ -41,20 +42,22 @@ def fp32_graphs(request, tmp_path_factory):
     recipe = load_recipes()[family]
     out = {}
     for tower in ("image", "text"):
-        exported = image_tower(ref.model) if tower == "image" else text_tower(ref.model, trimmable=True)
-        module = image_tower(ref.model) if tower == "image" else text_tower(ref.model)
+        trim = _trimmable(ref, tower, recipe.towers[tower])[0]  # as the build decides
+        exported = text_tower(ref.model, trimmable=True) if trim else ref.tower(tower)
+        module = ref.tower(tower)  # the reference the build compares against
         if tower == "image":
             example = torch.randn(2, 3, ref.image_size, ref.image_size)
             inputs = torch.randn(5, 3, ref.image_size, ref.image_size, generator=torch.Generator().manual_seed(4))
         else:
             example = ref.tokenizer()(["a", "b"])
             inputs = ref.tokenizer()(["a photo of a dog.", "an oil painting of a lighthouse on a cliff", "", "x y z"])
+        fuse = recipe.attention == "onnx"
         graph = export_tower(exported, example, recipe.towers[tower], BatchRange(1, 8, 64), recipe.opset,
-                             max_sequence=77 if tower == "text" else None)
+                             max_sequence=77 if trim else None, fuse_attention=fuse)
         cfg = PassConfig(tower=tower, precision="fp32", attention_blocks=attention_blocks(exported),
-                         trim_text=tower == "text")
-        graph, _ = run_passes(graph, cfg)
-        out[tower] = (module, graph, inputs)
+                         trim_text=trim)
+        graph, _ = run_passes(graph, cfg, disabled=[] if fuse else ["fuse_attention"])
+        out[tower] = (module, graph, inputs, trim)
     return ref, out
 
 
@@ -69,8 +72,8 @@ def _low_precision(graph: onnx.ModelProto, tower: str, precision: str, inputs: t
 @pytest.mark.parametrize("tower", ["image", "text"])
 def test_precision_is_written_into_the_graph(fp32_graphs, tower, precision):
     _, graphs = fp32_graphs
-    module, graph, inputs = graphs[tower]
-    converted, cfg = _low_precision(graph, tower, precision, inputs)
+    _, graph, inputs, _ = graphs[tower]
+    converted, _ = _low_precision(graph, tower, precision, inputs)
     onnx.checker.check_model(converted, full_check=True)
     inferred = onnx.shape_inference.infer_shapes(converted, strict_mode=True)
     types = {v.name: v.type.tensor_type.elem_type for v in
@@ -110,12 +113,12 @@ def test_precision_is_written_into_the_graph(fp32_graphs, tower, precision):
 @pytest.mark.parametrize("tower", ["image", "text"])
 def test_low_precision_parity_against_the_fp32_reference(fp32_graphs, tower, precision):
     _, graphs = fp32_graphs
-    module, graph, inputs = graphs[tower]
+    module, graph, inputs, trim = graphs[tower]
     converted, _ = _low_precision(graph, tower, precision, inputs)
     # emulated: every low tensor rounded, fp32 arithmetic (ORT CPU has no bf16 kernels and runs
     # most fp16 ops through inserted fp32 casts, which would hide fp16 rounding)
     runnable = emulate_on_fp32(converted, LOW[precision])
-    x = inputs.numpy() if tower == "image" else trim_to_eot(inputs.numpy())
+    x = trim_to_eot(inputs.numpy()) if trim else inputs.numpy()
     with torch.no_grad():
         want = module(inputs).numpy()
     parity = compare(want, _run(runnable, x), len(x))
@@ -127,7 +130,7 @@ def test_low_precision_parity_against_the_fp32_reference(fp32_graphs, tower, pre
 def test_bf16_does_not_run_natively_on_onnxruntime_cpu(fp32_graphs):
     """What the docs say about ORT CPU, checked: bf16 math kernels are missing, fp16 ones are there."""
     _, graphs = fp32_graphs
-    _, graph, inputs = graphs["image"]
+    _, graph, inputs, _ = graphs["image"]
     bf16, _ = _low_precision(graph, "image", "bf16", inputs)
     with pytest.raises(Exception, match="NOT_IMPLEMENTED|implementation"):
         _session(bf16)

@@ -8,8 +8,9 @@ so in its record; a required pass that fails stops the build.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import onnx
 
@@ -134,7 +135,7 @@ def run_passes(
             onnx.checker.check_model(candidate)
         except ClipExportError:
             raise
-        except Exception as exc:  # noqa: BLE001 - third-party passes fail in many ways
+        except Exception as exc:
             if graph_pass.required:
                 raise PassError(f"pass {graph_pass.name} failed on the {cfg.tower} tower: {exc}") from exc
             detail = f"kept the graph unchanged: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"

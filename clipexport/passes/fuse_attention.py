@@ -35,7 +35,7 @@ def attention_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     ]
 
 
-def fuse_attention(model: onnx.ModelProto, cfg: "PassConfig") -> onnx.ModelProto:
+def fuse_attention(model: onnx.ModelProto, cfg: PassConfig) -> onnx.ModelProto:
     """Check that the graph has exactly one fused attention node per attention block."""
     if cfg.attention_blocks is None:
         raise PassError("fuse_attention needs the tower's attention block count (PassConfig.attention_blocks)")
@@ -54,7 +54,7 @@ def fuse_attention(model: onnx.ModelProto, cfg: "PassConfig") -> onnx.ModelProto
     return model
 
 
-def check_unfused(model: onnx.ModelProto, cfg: "PassConfig") -> int:
+def check_unfused(model: onnx.ModelProto, cfg: PassConfig) -> int:
     """With fusion off, no block may carry a fused node (a half-fused graph is the worst of both)."""
     fused = attention_nodes(model)
     if fused:

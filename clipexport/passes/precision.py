@@ -19,8 +19,9 @@ That is how bf16 parity is measured here, and the parity record says so.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -223,7 +224,7 @@ def convert_precision(
             want = FLOAT if keep else low
         fixed = FIXED_FLOAT_INPUTS.get(node.op_type, ())
         for i in float_in:
-            if i not in fixed and not (node.op_type == "Cast"):
+            if i not in fixed and node.op_type != "Cast":  # Cast takes any input type
                 node.input[i] = as_type(node.input[i], want)
         if casts_to_float and want == low:
             for a in node.attribute:
@@ -309,7 +310,7 @@ def emulate_on_fp32(model: onnx.ModelProto, low: int = TensorProto.BFLOAT16) -> 
     return out
 
 
-def apply_precision(model: onnx.ModelProto, cfg: "PassConfig") -> onnx.ModelProto:
+def apply_precision(model: onnx.ModelProto, cfg: PassConfig) -> onnx.ModelProto:
     """The pipeline's precision pass: fp16/bf16 per the recipe's policy; fp32/int8/fp8 pass through."""
     if cfg.precision not in LOW_TYPES:
         return model

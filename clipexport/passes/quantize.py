@@ -102,7 +102,7 @@ def quantize_graph(
         raise PassError(f"quantize: unknown precision {precision!r} (int8 or fp8)")
     report = report if report is not None else QuantReport()
     report.precision = precision
-    qmax, qtype = QMAX[precision], QTYPE[precision]
+    qmax = QMAX[precision]
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -231,7 +231,7 @@ def activation_inputs(model: onnx.ModelProto, policy: QuantPolicy) -> list[str]:
     ))
 
 
-def quantize(model: onnx.ModelProto, cfg: "PassConfig") -> onnx.ModelProto:
+def quantize(model: onnx.ModelProto, cfg: PassConfig) -> onnx.ModelProto:
     """The pipeline's quantization pass (int8/fp8 builds only)."""
     from clipexport.passes.calibrate import collect_stats
 
@@ -255,7 +255,7 @@ def quantize(model: onnx.ModelProto, cfg: "PassConfig") -> onnx.ModelProto:
         "quantized_ops": report.quantized_ops,
         "not_quantized": report.skipped_ops,
         "activation_scales": report.activation_tensors,
-        "calibration_runs": stats.runs,
+        "calibration_items": stats.runs,
         "weight_bytes": {"before": report.weight_bytes_before, "after": report.weight_bytes_after},
     }
     return quantized

@@ -21,7 +21,7 @@ SEQUENCE_AXIS = "sequence"
 _INTEGER_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
 
 
-def trim_text(model: onnx.ModelProto, cfg: "PassConfig") -> onnx.ModelProto:
+def trim_text(model: onnx.ModelProto, cfg: PassConfig) -> onnx.ModelProto:
     """Validate the dynamic sequence axis of a trimmable text graph; other graphs pass through."""
     if cfg.tower != "text" or not cfg.trim_text:
         return model
