@@ -10,7 +10,7 @@ import torch
 from clipexport.build import parity_batch_sizes, tower_parity
 from clipexport.export import export_tower
 from clipexport.models import load_reference
-from clipexport.models.towers import attention_blocks, image_tower, text_tower
+from clipexport.models.towers import attention_blocks
 from clipexport.passes import PassConfig, count_nodes, run_passes
 from clipexport.recipes import BatchRange, load_recipes, recipe_for
 from twins import TWINS
@@ -24,16 +24,27 @@ def reference(request, tmp_path_factory):
     return request.param, load_reference(name, "none", seed=3)
 
 
+def _library_encode(ref, tower: str, x: torch.Tensor) -> torch.Tensor:
+    """The source library's own embedding call: open_clip's encode_*, transformers' get_*_features."""
+    if ref.families.image == "hf-clip-vision":
+        out = (ref.model.get_image_features(pixel_values=x) if tower == "image"
+               else ref.model.get_text_features(input_ids=x))
+        return out.pooler_output
+    return ref.model.encode_image(x) if tower == "image" else ref.model.encode_text(x)
+
+
 def test_towers_are_exactly_encode_image_and_encode_text(reference):
     _, ref = reference
     pixels = torch.randn(3, 3, ref.image_size, ref.image_size)
     ids = ref.tokenizer()(["a photo of a cat.", "", "x " * 100])
     with torch.no_grad():
-        assert torch.equal(image_tower(ref.model)(pixels), ref.model.encode_image(pixels))
-        assert torch.equal(text_tower(ref.model)(ids), ref.model.encode_text(ids))
-    # the text tower holds only text weights
-    text_params = {id(p) for p in text_tower(ref.model).parameters()}
-    assert not text_params & {id(p) for p in ref.model.visual.parameters()}
+        assert torch.equal(ref.tower("image")(pixels), _library_encode(ref, "image", pixels))
+        assert torch.equal(ref.tower("text")(ids), _library_encode(ref, "text", ids))
+    if ref.families.image != "hf-clip-vision":
+        # open_clip's built-in text tower holds only text weights (CLIPModel's towers wrap the whole
+        # model; its exported graphs keep only the weights they use: see test_hf_clip)
+        text_params = {id(p) for p in ref.tower("text").parameters()}
+        assert not text_params & {id(p) for p in ref.model.visual.parameters()}
 
 
 def test_seeded_random_weights_are_reproducible(reference):
@@ -85,9 +96,9 @@ def test_parity_catches_a_wrong_graph(reference, tmp_path):
     family, ref = reference
     recipe = load_recipes()[family]
     spec = recipe.towers["image"]
-    module = image_tower(ref.model)
+    module = ref.tower("image")
     graph = export_tower(module, torch.randn(2, 3, ref.image_size, ref.image_size), spec, BatchRange(1, 4, 16),
-                         recipe.opset)
+                         recipe.opset, fuse_attention=recipe.attention == "onnx")
     initializers = {t.name: t for t in graph.graph.initializer}
     last_matmul = next(n for n in reversed(graph.graph.node) if n.op_type in ("MatMul", "Gemm")
                        and any(i in initializers for i in n.input))
