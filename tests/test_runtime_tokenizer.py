@@ -6,6 +6,7 @@ import gzip
 import random
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -98,11 +99,16 @@ def _random_texts(n: int, seed: int) -> list[str]:
     return out
 
 
+def _reference_with(text_cfg: dict) -> SimpleNamespace:
+    """What write_tokenizer_assets reads of a ReferenceModel: the text config, and no HF tokenizer."""
+    return SimpleNamespace(model_cfg={"text_cfg": text_cfg}, text_tokenizer=None)
+
+
 @pytest.fixture(scope="module")
 def vocab_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """The tokenizer files and manifest section exactly as a build writes them."""
     directory = tmp_path_factory.mktemp("tok")
-    section, _ = write_tokenizer_assets({"context_length": 77}, directory)
+    section, _ = write_tokenizer_assets(_reference_with({"context_length": 77}), directory)
     return directory, section
 
 
@@ -151,7 +157,7 @@ def test_config_kwargs_reach_the_manifest_and_the_runtime(tmp_path: Path, clean:
     (model_dir / "open_clip_config.json").write_text(json.dumps(
         {"model_cfg": {"embed_dim": 8, "vision_cfg": {"image_size": 32, "layers": 1, "width": 16,
                                                       "patch_size": 16}, "text_cfg": text_cfg}}))
-    section, _ = write_tokenizer_assets(text_cfg, tmp_path)
+    section, _ = write_tokenizer_assets(_reference_with(text_cfg), tmp_path)
     assert section["kwargs"] == {"clean": clean}
     tok = ClipTokenizer.from_manifest(tmp_path, section)
     assert _compare(tok, open_clip.get_tokenizer(f"local-dir:{model_dir}"), HAND_WRITTEN) == 0
