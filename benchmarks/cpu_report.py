@@ -12,9 +12,11 @@ whose build fails on this machine is listed in benchmarks/results/cpu_summary.md
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -35,7 +37,9 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     progress = Progress()
-    summary = ["# CPU latency reports", "", "| model | precision | result |", "| --- | --- | --- |"]
+    # Rows of earlier runs stay (a run may cover one model); this run's rows replace theirs.
+    summary_json = RESULTS / "cpu_summary.json"
+    rows: dict[str, str] = json.loads(summary_json.read_text()) if summary_json.is_file() else {}
     for model in args.models.split(","):
         for precision in args.precisions.split(","):
             name = f"cpu-{model}-{precision}"
@@ -45,17 +49,33 @@ def main() -> None:
                     artifact = build(BuildOptions(model=model, pretrained="none", precision=precision,
                                                   out=Path(tmp) / "artifact"), progress).out_dir
                 except ClipExportError as exc:
-                    summary.append(f"| {model} | {precision} | not built here: {str(exc).splitlines()[0][:200]} |")
+                    rows[name] = f"| {model} | {precision} | not built here: {str(exc).splitlines()[0][:200]} |"
                     continue
                 config = BenchConfig(backends=("torch", "onnxruntime"),
                                      batches=[int(b) for b in args.batches.split(",")],
                                      warmup=args.warmup, iters=args.iters)
                 report = run_bench(artifact, config, progress)
                 write_report(report, RESULTS / name)
-                summary.append(f"| {model} | {precision} | [{name}/report.md]({name}/report.md) |")
+                rows[name] = f"| {model} | {precision} | {_headline(report)} [{name}/report.md]({name}/report.md) |"
     RESULTS.mkdir(parents=True, exist_ok=True)
+    summary_json.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
+    summary = ["# CPU latency reports", "", "Batch 8 p50, ONNX Runtime (CPU) vs PyTorch eager fp32 in the same process.", "",
+               "| model | precision | result |", "| --- | --- | --- |", *(rows[k] for k in sorted(rows))]
     (RESULTS / "cpu_summary.md").write_text("\n".join(summary) + "\n")
     print(f"wrote {RESULTS / 'cpu_summary.md'}")
+
+
+def _headline(report: Any) -> str:
+    """image/text at batch 8: ONNX Runtime's p50 and its speed-up over PyTorch eager (fp32)."""
+    parts = []
+    for tower in ("image", "text"):
+        rows = {r.backend: r for r in report.rows if r.tower == tower and r.batch == 8 and r.status == "ok"}
+        ort, torch = rows.get("onnxruntime"), rows.get("torch")
+        if ort and torch:
+            parts.append(f"{tower} {ort.p50_ms:.0f} ms ({torch.p50_ms / ort.p50_ms:.2f}x torch)")
+        elif torch:
+            parts.append(f"{tower}: onnxruntime skipped")
+    return "; ".join(parts) + "." if parts else ""
 
 
 if __name__ == "__main__":

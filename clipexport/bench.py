@@ -202,7 +202,11 @@ def _backend_runner(backend: str, module: Any, onnx_path: Path, input_name: str,
         wanted = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
         if wanted not in ort.get_available_providers():
             return f"onnxruntime has no {wanted} (install onnxruntime-gpu for CUDA)"
-        session = ort.InferenceSession(str(onnx_path), providers=[wanted])
+        try:
+            session = ort.InferenceSession(str(onnx_path), providers=[wanted])
+        except Exception as exc:  # noqa: BLE001 - e.g. no CPU kernel for a bf16 Conv/MatMul
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return f"onnxruntime cannot run this graph on {wanted}: {first.split(' : ')[-1][:200]}"
         if session.get_providers()[0] != wanted:
             return f"onnxruntime fell back to {session.get_providers()[0]}"
         # feed the dtype the graph declares (an fp16 graph may take fp16 pixels)

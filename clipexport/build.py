@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from clipexport import __version__
 from clipexport.artifacts import (
@@ -40,9 +40,20 @@ from clipexport.models.weights import FILE, RANDOM, parse_pretrained
 from clipexport.progress import Progress
 from clipexport.tokenizer_assets import write_tokenizer_assets
 from clipexport.recipes import TOWERS, BatchRange, Recipe, Tolerance, TowerSpec, recipe_for
-from clipexport.verify import IsolatedOnnxRuntimeCandidate, TowerParity, check_tower, image_inputs, text_inputs
+from clipexport.verify import (
+    IsolatedOnnxRuntimeCandidate,
+    RecordedReference,
+    TowerParity,
+    check_tower,
+    image_inputs,
+    text_inputs,
+)
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+# Towers whose fp32 weights pass this many bytes are exported straight to ONNX external data
+# (protobuf stops at 2 GB), their passes read only the graph, and a built-in CLIP with such a
+# tower is loaded one tower at a time (models/per_tower.py).
+LARGE_TOWER_BYTES = 1_500_000_000
 # Precisions whose graphs need calibration inputs (fp16: range guard; int8/fp8: activation scales).
 CALIBRATED = ("fp16", "int8", "fp8")
 
@@ -67,6 +78,7 @@ class BuildOptions:
     builder_memory_limit: int | None = None  # bytes of TensorRT's workspace pool
     builder_optimization_level: int | None = None  # TensorRT builder optimization level 0..5
     timing_cache: Path | None = None  # None: the per-TensorRT/GPU cache under ~/.cache/clipexport
+    large_tower_bytes: int = LARGE_TOWER_BYTES  # 0: every tower takes the large-tower path (--external-data)
 
 
 @dataclass
@@ -86,6 +98,7 @@ class _Plan:
     batch: BatchRange
     out: Path
     engines: Any = None  # clipexport.trt.pipeline.BackendChoice
+    per_tower: bool = False  # load the reference one tower at a time (a built-in CLIP with a large tower)
 
 
 def plan_build(options: BuildOptions) -> _Plan:
@@ -116,8 +129,27 @@ def plan_build(options: BuildOptions) -> _Plan:
     weights = parse_pretrained(options.pretrained or default_pretrained(name), options.seed, known_tags(name), name)
     out = options.out or default_out_dir(name, weights.label, options.precision)
     check_out_dir(out, options.force)
+    per_tower = _large_towers(name, cfg, towers, options)
     return _Plan(name=name, recipe=recipe, towers=towers, batch=options.batch or recipe.batch, out=out,
-                 engines=engines)
+                 engines=engines, per_tower=per_tower)
+
+
+def _large_towers(name: str, cfg: dict[str, Any], towers: Sequence[str], options: BuildOptions) -> bool:
+    """Whether a built-in CLIP has a tower over the large-tower size (counted on the meta device,
+    nothing allocated); such builds are fp32 only, which is checked here, before any work."""
+    from clipexport.models import per_tower
+
+    if not per_tower.supports_per_tower(cfg):
+        return False
+    sizes = per_tower.tower_parameters(per_tower.skeleton(name, quick_gelu=bool(cfg.get("quick_gelu", False))))
+    large = [t for t in towers if 4 * sizes[t] > options.large_tower_bytes]
+    if large and options.precision != "fp32":
+        raise UsageError(
+            f"{name}: the {', '.join(large)} tower{'s' if len(large) > 1 else ''} "
+            f"({', '.join(f'{sizes[t] / 1e9:.2f} B parameters' for t in large)}) go to ONNX external data, "
+            f"where this version builds fp32 only (the {options.precision} passes need every weight in memory). "
+            "Build with --precision fp32.")
+    return bool(large)
 
 
 def parity_batch_sizes(recipe: Recipe, batch: BatchRange) -> list[int]:
@@ -186,12 +218,15 @@ def tower_parity(
     precision: str,
     trim: bool = False,
     anchors: Any = None,
+    release: Callable[[], None] | None = None,
 ) -> TowerParity:
     """Reference tower vs its ONNX file on ONNX Runtime, on random pixels or real prompts.
 
     The candidate runs in a child process (a crashing graph becomes a ParityError). A
     trimmable text graph gets each batch cut to max EOT + 1 columns, the reference the full
     context. bf16 graphs run emulated (ONNX Runtime's CPU provider has no bf16 kernels).
+    release: the reference's outputs are computed first, then `release()` frees the tower,
+    then ONNX Runtime loads the graph: the two copies of a large tower never meet in memory.
     """
     import tempfile
 
@@ -199,6 +234,10 @@ def tower_parity(
         inputs = image_inputs(batch_sizes, ref.image_size, seed)
     else:
         inputs = text_inputs(batch_sizes, ref.tokenizer())
+    reference: Callable[[Any], Any] = module
+    if release is not None:
+        reference = RecordedReference(module, inputs)
+        release()
     note = ""
     with tempfile.TemporaryDirectory(prefix="clipexport-parity-") as tmp:
         path = onnx_path
@@ -217,7 +256,7 @@ def tower_parity(
             note = ("fp8 Q/DQ ran on onnxruntime CPU as quantize-dequantize (fp8 E4M3 rounding of weights and "
                     "activations, fp32 arithmetic): the numbers of fp8, not its speed")
         with IsolatedOnnxRuntimeCandidate(path, spec.input_name) as candidate:
-            parity = check_tower(tower, module, candidate, inputs, tolerance, candidate.backend, precision,
+            parity = check_tower(tower, reference, candidate, inputs, tolerance, candidate.backend, precision,
                                  anchors=anchors, trim=trim)
     parity.note = note
     parity.top1_gated = ref.weights.kind != RANDOM
@@ -273,7 +312,9 @@ def tower_engine(
 
 def build(options: BuildOptions, progress: Progress | None = None) -> BuildResult:
     """Build, verify and write an artifact directory; on any failure nothing is left at the target."""
-    from clipexport.export import export_tower
+    import onnx
+
+    from clipexport.export import export_tower, export_tower_to_file
     from clipexport.models.towers import attention_blocks, text_tower
     from clipexport.passes import PassConfig, run_passes
     from clipexport.passes.fuse_attention import check_unfused
@@ -284,7 +325,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     progress.say(f"clipexport build {plan.name} (recipe {plan.recipe.name}, towers {', '.join(plan.towers)}, "
                  f"batch {plan.batch}, {options.precision}) -> {plan.out}")
     with progress.stage("load reference model"):
-        ref = load_reference(plan.name, options.pretrained, options.seed)
+        ref = load_reference(plan.name, options.pretrained, options.seed, per_tower=plan.per_tower)
     for note in ref.notes:
         progress.say(f"  note: {note}")
     tolerance = plan.recipe.tolerance(options.precision)
@@ -300,8 +341,13 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         assert staging.path is not None
         for tower in plan.towers:
             spec = plan.recipe.towers[tower]
-            module = _tower_module(ref, tower)
             tower_start = time.perf_counter()
+            if ref.per_tower:
+                with progress.stage(f"materialize {tower} tower"):
+                    ref.materialize(tower)
+            module = _tower_module(ref, tower)
+            parameters = sum(p.numel() for p in module.parameters())
+            large = 4 * parameters > options.large_tower_bytes
             trim, trim_reason = _trimmable(ref, tower, spec)
             exported = text_tower(ref.model, trimmable=True) if trim else module
             fuse = plan.recipe.attention == "onnx" and "fuse_attention" not in options.disabled_passes
@@ -311,10 +357,18 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 tower=tower, precision=options.precision, attention_blocks=attention_blocks(exported),
                 trim_text=trim, precision_policy=_precision_policy(plan.recipe),
                 quant_policy=_quant_policy(plan.recipe), calibration=calibration.batches if calibration else (),
+                external_weights=large,
             )
-            with progress.stage(f"export {tower} tower"):
-                graph = export_tower(exported, _example_input(ref, tower), spec, plan.batch, plan.recipe.opset,
-                                     max_sequence=ref.context_length if trim else None, fuse_attention=fuse)
+            onnx_path = staging.path / f"{tower}.onnx"
+            max_sequence = ref.context_length if trim else None
+            with progress.stage(f"export {tower} tower" + (" (weights to external data)" if large else "")):
+                if large:
+                    written = export_tower_to_file(exported, _example_input(ref, tower), spec, plan.batch,
+                                                   plan.recipe.opset, onnx_path, max_sequence, fuse)
+                    graph = onnx.load(str(onnx_path), load_external_data=False)  # the graph, not the weights
+                else:
+                    graph = export_tower(exported, _example_input(ref, tower), spec, plan.batch, plan.recipe.opset,
+                                         max_sequence=max_sequence, fuse_attention=fuse)
             with progress.stage(f"optimize {tower} tower"):
                 graph, records = run_passes(
                     graph, pass_cfg, disabled,
@@ -324,21 +378,30 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 softmaxes = check_unfused(graph, pass_cfg)
                 pass_cfg.details["attention"] = {"lowering": "none", "fused_nodes": 0, "softmax_nodes": softmaxes,
                                                  "blocks": pass_cfg.attention_blocks}
-            onnx_path = staging.path / f"{tower}.onnx"
-            written = save_onnx(graph, onnx_path)
+            if large:
+                onnx.save_model(graph, str(onnx_path))  # the graph only; its weights stay in the data file
+                onnx.checker.check_model(str(onnx_path))  # from the path: the data file's references too
+            else:
+                written = save_onnx(graph, onnx_path)
             inputs, outputs = tensor_infos(graph.graph.input), tensor_infos(graph.graph.output)
             del graph
+            # A tower loaded on its own is freed once its reference outputs are taken (before ONNX
+            # Runtime loads the graph); zero-shot anchors would need the other tower, so none then.
+            release = _releaser(ref, tower)
+            anchors = None if ref.per_tower else _anchors(ref, tower, options.seed)
             with progress.stage(f"verify {tower} tower (batches {sizes})"):
                 parity = tower_parity(ref, tower, module, onnx_path, spec, tolerance, sizes, options.seed,
-                                      options.precision, trim=trim, anchors=_anchors(ref, tower, options.seed))
+                                      options.precision, trim=trim, anchors=anchors, release=release)
+            del exported
             progress.say(f"    {parity.summary()}")
             parities[tower] = parity
             for name in written:
                 files[name] = file_sha256(staging.path / name)
             towers_json[tower] = {
                 "onnx": onnx_path.name,
-                "parameters": sum(p.numel() for p in module.parameters()),
+                "parameters": parameters,
                 "files": written,
+                **({"external_data": [n for n in written if n != onnx_path.name]} if large else {}),
                 "sha256": files[onnx_path.name],
                 "inputs": inputs,
                 "outputs": outputs,
@@ -352,8 +415,12 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
             }
             if plan.engines is not None and plan.engines.engines:
                 with progress.stage(f"TensorRT engine for the {tower} tower"):
+                    if ref.per_tower:  # released for ONNX Runtime's parity: the engine's needs it again
+                        ref.materialize(tower)
+                        module = _tower_module(ref, tower)
                     engine = tower_engine(plan, options, tower, onnx_path, staging.path, ref, module, tolerance,
                                           sizes, trim, progress)
+                    ref.release(tower)
                 towers_json[tower]["engine"] = engine.entry
                 files.update(engine.files)
                 engine_parities.append(engine.parity)
@@ -374,6 +441,13 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         staging.commit()
     progress.say(f"wrote {plan.out} in {time.perf_counter() - started:.1f}s")
     return BuildResult(out_dir=plan.out, manifest=manifest, parity=parities)
+
+
+def _releaser(ref: ReferenceModel, tower: str) -> Callable[[], None] | None:
+    """For a per-tower reference: a callable freeing `tower` (tower_parity calls it before ONNX Runtime loads)."""
+    if not ref.per_tower:
+        return None
+    return lambda: ref.release(tower)
 
 
 def _sequence_json(trim: bool, reason: str, context_length: int) -> dict[str, Any]:
@@ -431,6 +505,8 @@ def _manifest(
         "tokenizer": tokenizer,
         "versions": library_versions(),
         "parity_batch_sizes": parity_batches,
+        # "per-tower": a model too large to hold whole, loaded (and verified) one tower at a time
+        "loading": "per-tower" if ref.per_tower else "whole",
         "parity_accepted_by_user": bool(failed),
         "notes": ref.notes,
         "seconds": round(seconds, 2),
@@ -460,7 +536,8 @@ def verify_artifact(directory: Path, progress: Progress | None = None, files_onl
         if file_sha256(path) != weights["sha256"]:
             raise WeightsError(f"the checkpoint {path} changed since the build (sha256 differs)")
     with progress.stage("load reference model"):
-        ref = load_reference(manifest["model"], weights["value"], int(weights["seed"]))
+        ref = load_reference(manifest["model"], weights["value"], int(weights["seed"]),
+                             per_tower=manifest.get("loading") == "per-tower")
     recipe = recipe_for(ref.families, ref.name)
     for tower, info in manifest["towers"].items():
         spec = recipe.towers[tower]
@@ -468,9 +545,11 @@ def verify_artifact(directory: Path, progress: Progress | None = None, files_onl
         sizes = manifest["parity_batch_sizes"]
         with progress.stage(f"verify {tower} tower"):
             trim = (info.get("sequence") or {}).get("axis") == "sequence"
+            ref.materialize(tower)
             parity = tower_parity(ref, tower, _tower_module(ref, tower), directory / info["onnx"], spec, tol,
                                   sizes, int(weights["seed"]), manifest["precision"], trim=trim,
-                                  anchors=_anchors(ref, tower, int(weights["seed"])))
+                                  anchors=None if ref.per_tower else _anchors(ref, tower, int(weights["seed"])),
+                                  release=_releaser(ref, tower))
         progress.say(f"    {parity.summary()}")
         result["parity"][tower] = parity
     failed = [p for p in result["parity"].values() if not p.passed]

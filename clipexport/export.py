@@ -14,6 +14,7 @@ import logging
 import math
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import onnx
 import torch
@@ -106,6 +107,55 @@ def export_tower(
     dynamic too, named "sequence", within [2, max_sequence]; every other axis keeps the
     example's size. Token ids keep the example's integer dtype.
     """
+    program = _trace(tower, example, spec, batch, opset, max_sequence, fuse_attention, optimize=True)
+    model = program.model_proto
+    _name_dynamic_axes(model, sequence=max_sequence is not None)
+    return model
+
+
+def export_tower_to_file(
+    tower: nn.Module,
+    example: torch.Tensor,
+    spec: TowerSpec,
+    batch: BatchRange,
+    opset: int,
+    path: Path,
+    max_sequence: int | None = None,
+    fuse_attention: bool = True,
+) -> list[str]:
+    """export_tower for towers over protobuf's 2 GB: the graph goes to `path`, every weight to
+    `<path>.data` (ONNX external data), streamed from the torch tensors.
+
+    The weights are never copied into one protobuf: the exporter's graph refers to the
+    torch tensors until `save` writes them out one by one. Constant folding and dead-node
+    removal (onnxscript's optimizer) run on that lazy graph. Returns the file names written.
+    """
+    program = _trace(tower, example, spec, batch, opset, max_sequence, fuse_attention, optimize=False)
+    try:
+        with _quiet_exporter():
+            program.optimize()
+            program.save(str(path), external_data=True)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ExportError(f"could not write the {spec.input_name} tower with external data: {first[:400]}") from exc
+    data_name = f"{path.name}.data"
+    # The graph alone (weights stay in the data file): name its dynamic axes like export_tower does.
+    graph = onnx.load(str(path), load_external_data=False)
+    _name_dynamic_axes(graph, sequence=max_sequence is not None)
+    onnx.save_model(graph, str(path))
+    return [path.name, data_name] if (path.parent / data_name).is_file() else [path.name]
+
+
+def _trace(
+    tower: nn.Module,
+    example: torch.Tensor,
+    spec: TowerSpec,
+    batch: BatchRange,
+    opset: int,
+    max_sequence: int | None,
+    fuse_attention: bool,
+    optimize: bool,
+) -> torch.onnx.ONNXProgram:
     if fuse_attention and opset < 23:
         raise ExportError(f"fused attention needs opset >= 23 (ONNX Attention); the recipe says {opset}")
     if example.shape[0] < 2 and batch.max >= 2:
@@ -132,6 +182,7 @@ def export_tower(
                 output_names=[spec.output_name],
                 dynamic_shapes=dynamic_shapes,
                 opset_version=opset,
+                optimize=optimize,
                 verbose=False,
             )
     except Exception as exc:
@@ -139,9 +190,7 @@ def export_tower(
         raise ExportError(f"torch.onnx could not export the {spec.input_name} tower: {first[:400]}") from exc
     if program is None:
         raise ExportError("torch.onnx returned no program")
-    model = program.model_proto
-    _name_dynamic_axes(model, sequence=max_sequence is not None)
-    return model
+    return program
 
 
 def _name_dynamic_axes(model: onnx.ModelProto, sequence: bool) -> None:

@@ -117,6 +117,26 @@ class ReferenceModel:
     notes: list[str] = field(default_factory=list)
     # set for Hugging Face text towers: their own tokenizer, or synthetic ids when it is not here
     text_tokenizer: Any = None
+    # set when the model is a meta-device skeleton whose towers are made real one at a time
+    tower_source: Any = None  # models.per_tower.TowerSource
+
+    @property
+    def per_tower(self) -> bool:
+        return self.tower_source is not None
+
+    def materialize(self, tower: str) -> None:
+        """Make `tower` real (per-tower models only; a whole model already is)."""
+        if self.tower_source is not None:
+            from clipexport.models import per_tower
+
+            per_tower.materialize(self.model, tower, self.tower_source)
+
+    def release(self, tower: str) -> None:
+        """Free `tower`'s weights (per-tower models only)."""
+        if self.tower_source is not None:
+            from clipexport.models import per_tower
+
+            per_tower.release(self.model, tower, self.tower_source.cfg)
 
     @property
     def image_size(self) -> int:
@@ -165,11 +185,13 @@ def _quiet_open_clip() -> Iterator[None]:
         logging.disable(previous)
 
 
-def load_reference(name: str, pretrained: str | None = None, seed: int = 0) -> ReferenceModel:
+def load_reference(name: str, pretrained: str | None = None, seed: int = 0, per_tower: bool = False) -> ReferenceModel:
     """Build the open_clip reference in eval mode on the CPU, in fp32.
 
     pretrained: `none` (seeded random weights), an open_clip tag (downloads, or the local
-    hub cache), or a checkpoint file; None picks the model's default.
+    hub cache), or a checkpoint file; None picks the model's default. per_tower: return a
+    meta-device skeleton whose towers the caller makes real one at a time
+    (`ref.materialize(tower)`, `ref.release(tower)`; see models/per_tower.py).
     """
     import open_clip
     import torch
@@ -192,6 +214,8 @@ def load_reference(name: str, pretrained: str | None = None, seed: int = 0) -> R
         notes.append(f"{source} need QuickGELU: building {name} with QuickGELU (as {name}-quickgelu)")
         cfg = {**cfg, "quick_gelu": True}
 
+    if per_tower:
+        return _load_per_tower(name, cfg, families, weights, seed, notes)
     scratch = None
     if families.text == HF_TEXT:
         # open_clip would ask the hub for the text model's config.json: give it a local one.
@@ -215,6 +239,49 @@ def load_reference(name: str, pretrained: str | None = None, seed: int = 0) -> R
         notes.append(f"random weights (seed {seed}): embeddings carry no meaning, parity still does")
     return ReferenceModel(name=name, model=model, model_cfg=cfg, families=families, weights=weights, notes=notes,
                           text_tokenizer=text_tokenizer)
+
+
+def _load_per_tower(name: str, cfg: dict[str, Any], families: Families, weights: WeightsSpec, seed: int,
+                    notes: list[str]) -> ReferenceModel:
+    """The skeleton of a model too large to hold whole; its checkpoint is read tower by tower."""
+    from clipexport.models import per_tower
+
+    if not per_tower.supports_per_tower(cfg):
+        raise WeightsError(f"{name}: only the built-in CLIP class loads tower by tower")
+    checkpoint = None
+    if weights.kind == TAG:
+        checkpoint = _download(name, weights.value)
+    elif weights.kind == FILE:
+        checkpoint = Path(weights.value)
+        if is_torchscript_archive(checkpoint):
+            raise WeightsError(f"{checkpoint}: TorchScript archives load whole; towers this large need a "
+                               "state-dict .pt/.bin or .safetensors checkpoint")
+    model = per_tower.skeleton(name, quick_gelu=bool(cfg.get("quick_gelu", False)))
+    source = per_tower.TowerSource(cfg=cfg, seed=seed, checkpoint=checkpoint)
+    per_tower.materialize_scalars(model, source)
+    sizes = per_tower.tower_parameters(model)
+    notes.append(f"loaded tower by tower (image {sizes['image'] / 1e9:.2f} B, text {sizes['text'] / 1e9:.2f} B "
+                 "parameters): one tower's weights in memory at a time")
+    if weights.kind == RANDOM:
+        notes.append(f"random weights (seed {seed}), each tower drawn on its own by open_clip's tower builder: "
+                     "embeddings carry no meaning, parity still does")
+    return ReferenceModel(name=name, model=model, model_cfg=cfg, families=families, weights=weights, notes=notes,
+                          tower_source=source)
+
+
+def _download(name: str, tag: str) -> Path:
+    """The local file of an open_clip tag (downloaded, or from the hub cache)."""
+    import open_clip
+
+    try:
+        with _quiet_open_clip():
+            path = open_clip.download_pretrained(open_clip.get_pretrained_cfg(name, tag))
+    except Exception as exc:  # noqa: BLE001 - network and hub errors of many kinds
+        raise WeightsError(f"{name} --pretrained {tag}: the weights must be downloaded and could not be "
+                           f"({_first_line(exc)}). {OFFLINE_HINT}") from None
+    if not path:
+        raise WeightsError(f"{name} --pretrained {tag}: open_clip knows no download for this tag. {OFFLINE_HINT}")
+    return Path(path)
 
 
 def _load_hf_clip(name: str, cfg: dict[str, Any], families: Families, weights: WeightsSpec, seed: int) -> ReferenceModel:
