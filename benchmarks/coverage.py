@@ -8,6 +8,7 @@ peak RSS, or the exact reason it is unsupported.
     python benchmarks/coverage.py                      # every config (hours on 2 cores)
     python benchmarks/coverage.py --only 'RN|ViT-B'    # a regex of model names
     python benchmarks/coverage.py --max-params 500e6   # skip larger configs (listed as skipped)
+    python benchmarks/coverage.py --resume --budget-minutes 60   # continue a survey, an hour at a time
 """
 
 from __future__ import annotations
@@ -55,7 +56,10 @@ def estimate_params(cfg: dict) -> float:
     return total
 
 
-def survey(names: list[str], max_params: float, timeout: int) -> list[dict]:
+def survey(names: list[str], max_params: float, timeout: int, done: dict[str, dict] | None = None,
+           deadline: float = float("inf")) -> list[dict]:
+    """One row per name; rows in `done` (an earlier run's) are kept, and names reached after
+    `deadline` (time.monotonic) are listed as not run yet."""
     from clipexport.models.architecture import families_of
     from clipexport.recipes import load_recipes, unsupported_reason
     import open_clip
@@ -67,11 +71,16 @@ def survey(names: list[str], max_params: float, timeout: int) -> list[dict]:
         row: dict = {"model": name, "family": families.describe()}
         recipe = next((r for r in recipes if r.covers(families)), None)
         estimate = estimate_params(open_clip.get_model_config(name))
-        if recipe is None:
+        if done and name in done and done[name]["status"] not in ("not run", "skipped"):
+            row = done[name]
+        elif recipe is None:
             row.update(status="unsupported", reason=unsupported_reason(families))
         elif estimate > max_params:
             row.update(status="skipped", params=estimate, reason=f"about {estimate / 1e6:.0f} M parameters, "
                        f"over --max-params {max_params:.0e}")
+        elif time.monotonic() > deadline:
+            row.update(status="not run", params=estimate, reason="not reached within --budget-minutes; "
+                       "continue with --resume")
         else:
             row.update(_run_child(name, timeout))
         rows.append(row)
@@ -141,10 +150,17 @@ def main() -> None:
     parser.add_argument("--max-params", type=float, default=float("inf"))
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per model")
     parser.add_argument("--out", type=Path, default=HERE / "coverage.md")
+    parser.add_argument("--resume", action="store_true", help="keep the rows of the last run's coverage.json")
+    parser.add_argument("--budget-minutes", type=float, default=float("inf"),
+                        help="start no new model after this long; the rest are listed as not run")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     names = [n for n in open_clip.list_models() if not args.only or re.search(args.only, n)]
-    rows = survey(names, args.max_params, args.timeout)
+    previous = args.out.with_suffix(".json")
+    done = {r["model"]: r for r in json.loads(previous.read_text())} if args.resume and previous.is_file() else {}
+    # smallest first: within a budget, the most models get tried
+    names.sort(key=lambda n: estimate_params(open_clip.get_model_config(n)))
+    rows = survey(names, args.max_params, args.timeout, done, time.monotonic() + 60 * args.budget_minutes)
     args.out.write_text(render(rows))
     (args.out.with_suffix(".json")).write_text(json.dumps(rows, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -117,7 +117,6 @@ def gemm_gflops(device: str, n: int = 2048, iters: int = 5) -> dict[str, Any]:
     seconds = time_runner(lambda: a @ b, 2, iters, sync)
     out["torch_gflops"] = 2 * n**3 / seconds.min() / 1e9
     if device == "cpu":
-        import onnx
         import onnxruntime as ort
         from onnx import TensorProto, helper
 
@@ -286,7 +285,7 @@ def render_markdown(report: Report) -> str:
         "",
         f"- device: {env['device']}" + (f" ({env['gpu']})" if env.get("gpu") else "") + f"; CPU: {env['cpu']}, "
         f"{env['cpu_count']} cores, torch threads {env['torch_threads']}",
-        f"- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
         f"- large-GEMM ceiling ({report.gemm['n']}^3 fp32, same run): "
         + ", ".join(f"{k.replace('_gflops', '')} {v:.1f} GFLOP/s" for k, v in report.gemm.items()
                     if k.endswith("_gflops") and k != "best_gflops"),

@@ -10,12 +10,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from twins import TWINS, write_twin
+from twins import TWINS, fp32_twin_graphs, write_twin
 
-from clipexport.build import _trimmable
 from clipexport.export import export_tower
 from clipexport.models import load_reference
-from clipexport.models.towers import attention_blocks, image_tower, text_tower
+from clipexport.models.towers import attention_blocks, image_tower
 from clipexport.passes import PassConfig, run_passes
 from clipexport.passes.precision import FP16_MAX, PrecisionReport, convert_precision, emulate_on_fp32
 from clipexport.recipes import BatchRange, load_recipes
@@ -36,29 +35,14 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module", params=sorted(TWINS))
 def fp32_graphs(request, tmp_path_factory):
-    """(reference, {tower: (module, fp32 graph after fusion, inputs, calibration)}) per twin."""
-    family = request.param
-    ref = load_reference(write_twin(family, tmp_path_factory.mktemp(family)), "none", seed=1)
-    recipe = load_recipes()[family]
-    out = {}
-    for tower in ("image", "text"):
-        trim = _trimmable(ref, tower, recipe.towers[tower])[0]  # as the build decides
-        exported = text_tower(ref.model, trimmable=True) if trim else ref.tower(tower)
-        module = ref.tower(tower)  # the reference the build compares against
-        if tower == "image":
-            example = torch.randn(2, 3, ref.image_size, ref.image_size)
-            inputs = torch.randn(5, 3, ref.image_size, ref.image_size, generator=torch.Generator().manual_seed(4))
-        else:
-            example = ref.tokenizer()(["a", "b"])
-            inputs = ref.tokenizer()(["a photo of a dog.", "an oil painting of a lighthouse on a cliff", "", "x y z"])
-        fuse = recipe.attention == "onnx"
-        graph = export_tower(exported, example, recipe.towers[tower], BatchRange(1, 8, 64), recipe.opset,
-                             max_sequence=77 if trim else None, fuse_attention=fuse)
-        cfg = PassConfig(tower=tower, precision="fp32", attention_blocks=attention_blocks(exported),
-                         trim_text=trim)
-        graph, _ = run_passes(graph, cfg, disabled=[] if fuse else ["fuse_attention"])
-        out[tower] = (module, graph, inputs, trim)
-    return ref, out
+    """(reference, {tower: (module, fp32 graph after fusion, inputs, trimmable)}) per twin."""
+    ref, graphs = fp32_twin_graphs(request.param, tmp_path_factory.mktemp(request.param))
+    size = ref.image_size
+    inputs = {
+        "image": torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(4)),
+        "text": ref.tokenizer()(["a photo of a dog.", "an oil painting of a lighthouse on a cliff", "", "x y z"]),
+    }
+    return ref, {t: (module, graph, inputs[t], trim) for t, (module, graph, trim) in graphs.items()}
 
 
 def _low_precision(graph: onnx.ModelProto, tower: str, precision: str, inputs: torch.Tensor) -> tuple:

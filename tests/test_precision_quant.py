@@ -10,17 +10,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from twins import TWINS, write_twin
+from twins import TWINS, fp32_twin_graphs
 
-from clipexport.build import _trimmable
 from clipexport.calibration import image_calibration, synthetic_images, text_calibration
 from clipexport.errors import PassError, UsageError
-from clipexport.export import export_tower
-from clipexport.models import load_reference
-from clipexport.models.towers import attention_blocks, text_tower
 from clipexport.passes import PassConfig, run_passes
 from clipexport.passes.quantize import QuantPolicy, quantize_graph
-from clipexport.recipes import BatchRange, load_recipes
 from clipexport.verify import compare, trim_to_eot
 
 QTYPES = {"int8": onnx.TensorProto.INT8, "fp8": onnx.TensorProto.FLOAT8E4M3FN}
@@ -29,20 +24,9 @@ QTYPES = {"int8": onnx.TensorProto.INT8, "fp8": onnx.TensorProto.FLOAT8E4M3FN}
 @pytest.fixture(scope="module", params=sorted(TWINS))
 def graphs(request, tmp_path_factory):
     family = request.param
-    ref = load_reference(write_twin(family, tmp_path_factory.mktemp(family)), "none", seed=1)
-    recipe = load_recipes()[family]
+    ref, fp32 = fp32_twin_graphs(family, tmp_path_factory.mktemp(family))
     out = {}
-    for tower in ("image", "text"):
-        trim = _trimmable(ref, tower, recipe.towers[tower])[0]  # as the build decides
-        exported = text_tower(ref.model, trimmable=True) if trim else ref.tower(tower)
-        module = ref.tower(tower)  # the reference the build compares against
-        example = torch.randn(2, 3, ref.image_size, ref.image_size) if tower == "image" else ref.tokenizer()(["a", "b"])
-        fuse = recipe.attention == "onnx"
-        graph = export_tower(exported, example, recipe.towers[tower], BatchRange(1, 8, 64), recipe.opset,
-                             max_sequence=77 if trim else None, fuse_attention=fuse)
-        graph, _ = run_passes(graph, PassConfig(tower=tower, precision="fp32", trim_text=trim,
-                                                attention_blocks=attention_blocks(exported)),
-                              disabled=[] if fuse else ["fuse_attention"])
+    for tower, (module, graph, trim) in fp32.items():
         calib = image_calibration(ref, 8, 0) if tower == "image" else text_calibration(ref, 16)
         out[tower] = (module, graph, calib, trim)
     return family, ref, out

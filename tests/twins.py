@@ -105,3 +105,32 @@ def write_twin(recipe: str, directory: Path, tokenizer: bool = True) -> str:
         write_tiny_hf_text_model(directory / "text-model", tokenizer=tokenizer)
     (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
     return f"local-dir:{directory}"
+
+
+def fp32_twin_graphs(family: str, directory: Path, seed: int = 1) -> tuple[Any, dict[str, tuple[Any, Any, bool]]]:
+    """A twin's reference and, per tower, (reference module, fp32 ONNX graph after the fp32
+    passes, trimmable?): exported the way the build does, for tests of later passes."""
+    import torch
+
+    from clipexport.build import _trimmable
+    from clipexport.export import export_tower
+    from clipexport.models import load_reference
+    from clipexport.models.towers import attention_blocks, text_tower
+    from clipexport.passes import PassConfig, run_passes
+    from clipexport.recipes import BatchRange, load_recipes
+
+    ref = load_reference(write_twin(family, directory), "none", seed=seed)
+    recipe = load_recipes()[family]
+    out = {}
+    for tower in ("image", "text"):
+        trim = _trimmable(ref, tower, recipe.towers[tower])[0]  # as the build decides
+        exported = text_tower(ref.model, trimmable=True) if trim else ref.tower(tower)
+        module = ref.tower(tower)  # the reference the build compares against
+        example = torch.randn(2, 3, ref.image_size, ref.image_size) if tower == "image" else ref.tokenizer()(["a", "b"])
+        fuse = recipe.attention == "onnx"
+        graph = export_tower(exported, example, recipe.towers[tower], BatchRange(1, 8, 64), recipe.opset,
+                             max_sequence=77 if trim else None, fuse_attention=fuse)
+        cfg = PassConfig(tower=tower, precision="fp32", attention_blocks=attention_blocks(exported), trim_text=trim)
+        graph, _ = run_passes(graph, cfg, disabled=[] if fuse else ["fuse_attention"])
+        out[tower] = (module, graph, trim)
+    return ref, out

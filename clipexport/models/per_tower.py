@@ -20,11 +20,10 @@ transformer) loads this way; other classes load whole.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from clipexport.errors import WeightsError
 from clipexport.models.architecture import MODIFIED_RESNET, TEXT_TRANSFORMER, VISION_TRANSFORMER, families_of
@@ -63,7 +62,9 @@ def skeleton(name: str, quick_gelu: bool) -> Any:
     import open_clip
     import torch
 
-    with torch.device("meta"), _quiet(), warnings.catch_warnings():
+    from clipexport.models.open_clip_source import _quiet_open_clip
+
+    with torch.device("meta"), _quiet_open_clip(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         model = open_clip.create_model(name, pretrained=None, load_weights=False, device="meta",
                                        force_quick_gelu=quick_gelu)
@@ -218,15 +219,3 @@ def _numel(value: Any) -> int:
     if hasattr(value, "parameters"):
         return sum(p.numel() for p in value.parameters())
     return int(value.numel())
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    import logging
-
-    previous = logging.root.manager.disable
-    logging.disable(logging.ERROR)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
