@@ -10,7 +10,9 @@ from typing import Any, NoReturn
 
 import click
 
+from clipexport.distributed.command import embed_dataset_command
 from clipexport.errors import ClipExportError
+from clipexport.triton.command import triton as triton_command
 
 EPILOG_BUILD = """\b
 Examples:
@@ -81,12 +83,15 @@ def cli() -> None:
               help="TensorRT builder optimization level (higher: longer builds, maybe faster engines). Default: 3.")
 @click.option("--timing-cache", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
               help="TensorRT timing cache file. Default: one per TensorRT version and GPU under ~/.cache/clipexport.")
+@click.option("--external-data", is_flag=True,
+              help="Write every tower's weights to ONNX external data (<tower>.onnx.data), as towers over "
+                   "1.5 GB always are; a built-in CLIP is then also loaded one tower at a time (fp32 only).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the output directory.")
 def build(model: str, pretrained: str | None, towers: str, precision: str, batch: str | None, out: Path | None,
           force: bool, seed: int, no_simplify: bool, no_fuse_attention: bool, calibration_images: Path | None,
           calibration_prompts: Path | None, accept_parity_failure: bool, backend: str, no_rebuild: bool,
           builder_memory_limit: int | None, builder_optimization_level: int | None, timing_cache: Path | None,
-          quiet: bool) -> None:
+          external_data: bool, quiet: bool) -> None:
     """Build and verify ONNX towers of MODEL (see `clipexport list`)."""
     from clipexport.build import BuildOptions
     from clipexport.build import build as run_build
@@ -113,6 +118,7 @@ def build(model: str, pretrained: str | None, towers: str, precision: str, batch
             builder_memory_limit=builder_memory_limit * 2**20 if builder_memory_limit else None,
             builder_optimization_level=builder_optimization_level,
             timing_cache=timing_cache,
+            **({"large_tower_bytes": 0} if external_data else {}),
         )
         result = run_build(options, Progress(quiet=quiet))
     except ClipExportError as exc:
@@ -349,6 +355,11 @@ def embed(directory: Path, images: tuple[Path, ...], texts: tuple[str, ...], tex
     tmp.replace(out)
     shapes = ", ".join(f"{k} {list(arrays[k].shape)}" for k in ("image", "text") if k in arrays)
     click.echo(f"wrote {out}: {shapes} float32 ({runtime.backend} on {runtime.device})")
+
+
+# Commands that live with their subsystem (their heavy imports stay inside the commands).
+cli.add_command(embed_dataset_command)
+cli.add_command(triton_command)
 
 
 def main() -> None:

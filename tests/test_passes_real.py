@@ -36,3 +36,22 @@ def test_real_model_every_precision(tmp_path, model, precision):
         if tower == "text":
             assert t["inputs"][0]["shape"] == ["batch", "sequence"]
             assert min(parity["trimmed_lengths"]) < 77  # parity ran trimmed ids against the 77-token reference
+
+
+# The other families at real size, in the precisions that change their graphs most.
+MORE_FAMILIES = {"convnext_base": (0, 12), "xlm-roberta-base-ViT-B-32": (12, 12)}
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+@pytest.mark.parametrize("model", sorted(MORE_FAMILIES))
+def test_real_model_other_families(tmp_path, model, precision):
+    result = build(BuildOptions(model=model, pretrained="none", precision=precision, out=tmp_path / "a"))
+    for tower, blocks in zip(("image", "text"), MORE_FAMILIES[model]):
+        t = result.manifest["towers"][tower]
+        assert t["attention"]["fused_nodes"] == t["attention"]["blocks"] == blocks
+        parity = t["parity"]
+        print(f"{model} {precision} {tower}: cosine_min {parity['cosine_min']:.6f}, "
+              f"max_abs_err {parity['max_abs_err']:.3g}, top1 {parity['top1_agreement']}")
+        assert parity["passed"] and parity["cosine_min"] >= COSINE[precision], parity
+        applied = {r["name"] for r in t["passes"] if r["status"] == "applied"}
+        assert ("precision" if precision == "fp16" else "quantize") in applied

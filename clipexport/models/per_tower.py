@@ -113,11 +113,42 @@ def materialize(model: Any, tower: str, source: TowerSource) -> None:
 
 
 def release(model: Any, tower: str, cfg: dict[str, Any]) -> None:
-    """Turn `tower` back into meta tensors: its memory is freed once no one else holds it."""
+    """Free `tower`'s memory: its modules go back to the meta device, and every tensor that
+    other objects may still hold (wrappers such as ImageTower share the parameter objects)
+    is emptied in place first, so no leftover reference keeps the old storage alive."""
     import torch
 
+    for tensor in _all_tensors(model, tower):
+        tensor.data = tensor.data.new_empty(0)  # same device and dtype: allowed in place
     with torch.device("meta"):
         _install(model, tower, cfg)
+    _return_freed_memory()
+
+
+def _all_tensors(model: Any, tower: str) -> list[Any]:
+    tensors: list[Any] = []
+    for module in _tower_modules(model, tower):
+        tensors += list(module.parameters()) + list(module.buffers())
+    if tower == "text":
+        from torch import nn
+
+        tensors += [v for a in TEXT_ATTRIBUTES if not isinstance(v := getattr(model, a), nn.Module) and v is not None]
+        tensors.append(model.attn_mask)
+    return tensors
+
+
+def _return_freed_memory() -> None:
+    """Ask glibc to give freed heap pages back to the system (tensors under its mmap threshold
+    live on the heap, and a freed heap is otherwise kept for reuse)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def _install(model: Any, tower: str, cfg: dict[str, Any]) -> None:
