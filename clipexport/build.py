@@ -206,6 +206,13 @@ def _calibration(ref: ReferenceModel, tower: str, options: BuildOptions, recipe:
     return text_calibration(ref, size, options.calibration_prompts)
 
 
+def parity_inputs(ref: ReferenceModel, tower: str, batch_sizes: Sequence[int], seed: int) -> list[Any]:
+    """The parity batches: seeded random pixels, or real prompts tokenized as the model does."""
+    if tower == "image":
+        return image_inputs(batch_sizes, ref.image_size, seed)
+    return text_inputs(batch_sizes, ref.tokenizer())
+
+
 def tower_parity(
     ref: ReferenceModel,
     tower: str,
@@ -230,10 +237,7 @@ def tower_parity(
     """
     import tempfile
 
-    if tower == "image":
-        inputs = image_inputs(batch_sizes, ref.image_size, seed)
-    else:
-        inputs = text_inputs(batch_sizes, ref.tokenizer())
+    inputs = parity_inputs(ref, tower, batch_sizes, seed)
     reference: Callable[[Any], Any] = module
     if release is not None:
         reference = RecordedReference(module, inputs)
@@ -314,9 +318,9 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     """Build, verify and write an artifact directory; on any failure nothing is left at the target."""
     import onnx
 
-    from clipexport.export import export_tower, export_tower_to_file
+    from clipexport.export import export_tower, export_tower_to_file, external_files, optimize_external
     from clipexport.models.towers import attention_blocks, text_tower
-    from clipexport.passes import PassConfig, run_passes
+    from clipexport.passes import PassConfig, PassRecord, run_passes
     from clipexport.passes.fuse_attention import check_unfused
 
     progress = progress or Progress(quiet=True)
@@ -361,12 +365,32 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
             )
             onnx_path = staging.path / f"{tower}.onnx"
             max_sequence = ref.context_length if trim else None
-            with progress.stage(f"export {tower} tower" + (" (weights to external data)" if large else "")):
-                if large:
-                    written = export_tower_to_file(exported, _example_input(ref, tower), spec, plan.batch,
-                                                   plan.recipe.opset, onnx_path, max_sequence, fuse)
-                    graph = onnx.load(str(onnx_path), load_external_data=False)  # the graph, not the weights
-                else:
+            reference: Any = module
+            anchors = None if ref.per_tower else _anchors(ref, tower, options.seed)
+            if large:
+                # export -> reference outputs -> free the tower -> simplify over the data file:
+                # the torch weights and a second copy of them are never resident together.
+                raw = staging.path / f".raw-{tower}.onnx"
+                with progress.stage(f"export {tower} tower (weights to external data)"):
+                    export_tower_to_file(exported, _example_input(ref, tower), spec, plan.batch, plan.recipe.opset,
+                                         raw, max_sequence, fuse)
+                with progress.stage(f"reference outputs of the {tower} tower"):
+                    reference = RecordedReference(module, parity_inputs(ref, tower, sizes, options.seed))
+                del exported
+                if ref.per_tower:
+                    module = None
+                    ref.release(tower)
+                with progress.stage(f"simplify {tower} tower (onnxscript, external data memory-mapped)"):
+                    simplify_start = time.perf_counter()
+                    counts = optimize_external(raw, onnx_path, sequence=trim)
+                    simplify_record = PassRecord(
+                        "simplify", "applied", counts[0], counts[1], time.perf_counter() - simplify_start,
+                        "onnxscript's optimizer over the memory-mapped external data (onnxslim would need the "
+                        "whole graph in memory)")
+                written = external_files(onnx_path)
+                graph = onnx.load(str(onnx_path), load_external_data=False)  # the graph, not the weights
+            else:
+                with progress.stage(f"export {tower} tower"):
                     graph = export_tower(exported, _example_input(ref, tower), spec, plan.batch, plan.recipe.opset,
                                          max_sequence=max_sequence, fuse_attention=fuse)
             with progress.stage(f"optimize {tower} tower"):
@@ -374,6 +398,8 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                     graph, pass_cfg, disabled,
                     log=lambda msg: progress.say(f"    {msg}"),
                 )
+            if large:
+                records = [simplify_record if r.name == "simplify" else r for r in records]
             if not fuse:
                 softmaxes = check_unfused(graph, pass_cfg)
                 pass_cfg.details["attention"] = {"lowering": "none", "fused_nodes": 0, "softmax_nodes": softmaxes,
@@ -385,14 +411,12 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 written = save_onnx(graph, onnx_path)
             inputs, outputs = tensor_infos(graph.graph.input), tensor_infos(graph.graph.output)
             del graph
-            # A tower loaded on its own is freed once its reference outputs are taken (before ONNX
-            # Runtime loads the graph); zero-shot anchors would need the other tower, so none then.
-            release = _releaser(ref, tower)
-            anchors = None if ref.per_tower else _anchors(ref, tower, options.seed)
+            # A tower loaded on its own was freed once its reference outputs were taken; zero-shot
+            # anchors would need the other tower, so none then.
             with progress.stage(f"verify {tower} tower (batches {sizes})"):
-                parity = tower_parity(ref, tower, module, onnx_path, spec, tolerance, sizes, options.seed,
-                                      options.precision, trim=trim, anchors=anchors, release=release)
-            del exported
+                parity = tower_parity(ref, tower, reference, onnx_path, spec, tolerance, sizes, options.seed,
+                                      options.precision, trim=trim, anchors=anchors)
+            del reference
             progress.say(f"    {parity.summary()}")
             parities[tower] = parity
             for name in written:

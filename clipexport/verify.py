@@ -216,25 +216,31 @@ def check_tower(
 
 
 class RecordedReference:
-    """A reference tower's outputs, computed up front for a fixed list of input batches.
+    """A reference tower's outputs, computed up front for a list of input batches.
 
-    It answers check_tower's calls for exactly those batches (by identity), so the tower
-    itself can be freed before the candidate loads: the two copies of a large tower never
-    sit in memory together.
+    It answers check_tower's calls for batches equal to those (matched by content), so the
+    tower itself can be freed before the candidate loads: the two copies of a large tower
+    never sit in memory together.
     """
 
     def __init__(self, module: Callable[[Any], Any], inputs: Sequence[Any]) -> None:
         import torch
 
         with torch.no_grad():
-            self._outputs = {id(batch): module(batch).float().detach().clone() for batch in inputs}
-        self._inputs = list(inputs)  # keeps the ids valid
+            self._outputs = {_content_key(batch): module(batch).float().detach().clone() for batch in inputs}
 
     def __call__(self, batch: Any) -> Any:
         try:
-            return self._outputs[id(batch)]
+            return self._outputs[_content_key(batch)]
         except KeyError:
-            raise ParityError("RecordedReference was asked about a batch it did not record") from None
+            raise ParityError("the recorded reference has no output for this input batch") from None
+
+
+def _content_key(batch: Any) -> tuple[Any, ...]:
+    import hashlib
+
+    array = batch.detach().cpu().numpy()
+    return (array.shape, str(array.dtype), hashlib.sha256(array.tobytes()).hexdigest())
 
 
 def _serve(path: str, input_name: str, conn: Any) -> None:

@@ -80,8 +80,8 @@ PIPELINE: tuple[GraphPass, ...] = (
 # Passes that rewrite weights: they need every tensor in memory, so a graph whose weights stay
 # in external data skips them (the exporter's optimizer already folded its constants).
 WEIGHT_PASSES = ("simplify", "precision", "quantize")
-EXTERNAL_SKIP = ("weights in external data (a tower over protobuf's 2 GB): onnxscript's optimizer folded "
-                 "constants and removed dead nodes on the exporter's lazy graph instead")
+EXTERNAL_SKIP = ("weights in external data (a tower over protobuf's 2 GB): onnxslim needs the whole graph "
+                 "in memory; the build simplifies with onnxscript over the memory-mapped data instead")
 # Passes that only make sense for some builds say so in their record instead of "applied".
 _ACTIVE: dict[str, Callable[[PassConfig], bool]] = {
     "trim_text": lambda cfg: cfg.tower == "text" and cfg.trim_text,
