@@ -149,23 +149,43 @@ def optimize_external(source: Path, target: Path, sequence: bool) -> tuple[int, 
     reading its weights memory-mapped from the data file; write `target` + `<target>.data`
     and delete `source` and its data. Returns the node counts before and after.
 
-    The weights pass through file-backed pages only, never a second copy in the heap.
+    It runs in a child process: the optimizer's folded tensors keep views of the mapped data
+    file alive (measured: ViT-L-14's 1.1 GB stayed resident in the caller after the model was
+    deleted), and a child's exit returns every page.
     """
+    import json
+    import subprocess
+    import sys
+
+    # A fresh interpreter (not multiprocessing's spawn, which re-imports the caller's __main__).
+    code = ("import json, sys; from clipexport.export import _optimize_external_here as run; "
+            "print(json.dumps(run(sys.argv[1], sys.argv[2], sys.argv[3] == '1')))")
+    done = subprocess.run([sys.executable, "-c", code, str(source), str(target), "1" if sequence else "0"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1][:300]
+        raise ExportError(f"simplifying {source.name} over its external data failed: {tail}")
+    before, after = json.loads(done.stdout.strip().splitlines()[-1])
+    return int(before), int(after)
+
+
+def _optimize_external_here(source: str, target: str, sequence: bool) -> tuple[int, int]:
     import onnx_ir as ir
     import onnxscript.optimizer
 
-    model = ir.load(str(source))  # initializers stay lazy: memory-mapped external tensors
+    model = ir.load(source)  # initializers stay lazy: memory-mapped external tensors
     before = len(model.graph)
     with _quiet_exporter():
         onnxscript.optimizer.optimize(model)
     after = len(model.graph)
-    ir.save(model, str(target), external_data=f"{target.name}.data")
+    target_path = Path(target)
+    ir.save(model, target, external_data=f"{target_path.name}.data")
     del model
-    for name in external_files(source):
-        (source.parent / name).unlink(missing_ok=True)
-    graph = onnx.load(str(target), load_external_data=False)
+    for name in external_files(Path(source)):
+        (Path(source).parent / name).unlink(missing_ok=True)
+    graph = onnx.load(target, load_external_data=False)
     _name_dynamic_axes(graph, sequence=sequence)
-    onnx.save_model(graph, str(target))  # the graph alone; the weights stay in the data file
+    onnx.save_model(graph, target)  # the graph alone; the weights stay in the data file
     return before, after
 
 
