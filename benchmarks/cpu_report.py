@@ -50,6 +50,7 @@ def main() -> None:
                                                   out=Path(tmp) / "artifact"), progress).out_dir
                 except ClipExportError as exc:
                     rows[name] = f"| {model} | {precision} | not built here: {str(exc).splitlines()[0][:200]} |"
+                    _write_summary(rows, summary_json)
                     continue
                 config = BenchConfig(backends=("torch", "onnxruntime"),
                                      batches=[int(b) for b in args.batches.split(",")],
@@ -57,6 +58,10 @@ def main() -> None:
                 report = run_bench(artifact, config, progress)
                 write_report(report, RESULTS / name)
                 rows[name] = f"| {model} | {precision} | {_headline(report)} [{name}/report.md]({name}/report.md) |"
+            _write_summary(rows, summary_json)  # after each report: a crash later loses nothing
+
+
+def _write_summary(rows: dict[str, str], summary_json: Path) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     summary_json.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
     summary = ["# CPU latency reports", "", "Batch 8 p50, ONNX Runtime (CPU) vs PyTorch eager fp32 in the same process.", "",

@@ -8,7 +8,7 @@ import collections
 import onnx
 import pytest
 import torch
-from twins import TWINS, write_twin
+from twins import TINY_XLMR, TWINS, write_twin
 
 from clipexport.errors import PassError
 from clipexport.export import export_tower
@@ -25,10 +25,13 @@ EXPECTED = {
     ("vit", "text"): TWINS["vit"]["text_cfg"]["layers"],
     ("modified_resnet", "image"): 1,
     ("modified_resnet", "text"): TWINS["modified_resnet"]["text_cfg"]["layers"],
+    # a ViT image tower and a 2-layer XLM-R whose attention transformers runs through SDPA
+    ("hf_text", "image"): TWINS["hf_text"]["vision_cfg"]["layers"],
+    ("hf_text", "text"): TINY_XLMR["num_hidden_layers"],
 }
 
 
-# Recipes that lower attention to ONNX Attention (the timm recipe exports it unfused).
+# Recipes that lower attention to ONNX Attention (the timm and hf_clip recipes export it unfused).
 FUSED = sorted(f for f in TWINS if load_recipes()[f].attention == "onnx")
 
 

@@ -12,6 +12,8 @@ as the full context (every column after a row's EOT is invisible to that row's E
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from open_clip.model import CLIP
 from open_clip.transformer import text_global_pool
@@ -108,11 +110,44 @@ def attention_blocks(tower: nn.Module) -> int:
     """How many attention blocks a tower has: each must become one fused attention node.
 
     nn.MultiheadAttention covers ViT and text blocks; AttentionPool2d is ModifiedResNet's
-    attention pooling, which calls F.multi_head_attention_forward directly.
+    attention pooling, which calls F.multi_head_attention_forward directly; Hugging Face
+    text towers (XLM-R, RoBERTa, T5, M2M100) and timm towers count their attention modules
+    that dispatch to scaled_dot_product_attention (the exporter lowers each such call to one
+    Attention node).
     """
     from open_clip.modified_resnet import AttentionPool2d
 
-    return sum(isinstance(m, (nn.MultiheadAttention, AttentionPool2d)) for m in tower.modules())
+    return sum(isinstance(m, (nn.MultiheadAttention, AttentionPool2d)) or _hf_sdpa_attention(m)
+               or _timm_sdpa_attention(m) for m in tower.modules())
+
+
+def _hf_sdpa_attention(module: nn.Module) -> bool:
+    """A transformers attention module whose forward goes through the attention interface
+    (ALL_ATTENTION_FUNCTIONS) with the SDPA implementation selected."""
+    cls = type(module)
+    if not cls.__module__.startswith("transformers.models."):
+        return False
+    config = getattr(module, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    return _forward_mentions(cls, "ALL_ATTENTION_FUNCTIONS")
+
+
+def _timm_sdpa_attention(module: nn.Module) -> bool:
+    """A timm attention module (ViT blocks, attention-pool heads) on its fused SDPA path."""
+    cls = type(module)
+    return (cls.__module__.startswith("timm.") and bool(getattr(module, "fused_attn", False))
+            and _forward_mentions(cls, "scaled_dot_product_attention"))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_mentions(cls: type, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
 
 
 class CustomTextTower(nn.Module):
