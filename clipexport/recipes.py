@@ -104,7 +104,8 @@ class Recipe:
     name: str
     path: Path
     summary: str
-    image_family: str
+    # A recipe may cover several image families when nothing else differs (hf_text: ViT or timm).
+    image_families: tuple[str, ...]
     text_family: str
     opset: int
     attention: str
@@ -115,10 +116,15 @@ class Recipe:
     precision: PrecisionSpec
     quantize: QuantizeSpec
 
+    @property
+    def image_family(self) -> str:
+        """The image families as one display string, e.g. `vision-transformer|timm`."""
+        return "|".join(self.image_families)
+
     def covers(self, families: Families) -> bool:
         return (
             not families.multimodal
-            and families.image == self.image_family
+            and families.image in self.image_families
             and families.text == self.text_family
         )
 
@@ -283,7 +289,7 @@ def load_recipe(path: Path) -> Recipe:
         name=top.get("name", str),
         path=path,
         summary=top.get("summary", str),
-        image_family=match.get("image", str),
+        image_families=_image_families(match),
         text_family=match.get("text", str),
         opset=opset,
         attention=attention,
@@ -299,6 +305,15 @@ def load_recipe(path: Path) -> Recipe:
     if recipe.name != path.stem:
         raise RecipeError(f"{path}: recipe name {recipe.name!r} must equal the file name {path.stem!r}")
     return recipe
+
+
+def _image_families(match: _Table) -> tuple[str, ...]:
+    """`match.image`: one family name, or a non-empty list of them."""
+    value = match.get("image", (str, list))
+    names = [value] if isinstance(value, str) else value
+    if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise match._err("match.image must be a family name or a non-empty list of distinct family names")
+    return tuple(names)
 
 
 def recipes_dir() -> Path:
@@ -318,7 +333,7 @@ def load_recipes(directory: Path | None = None) -> dict[str, Recipe]:
     for path in sorted(directory.glob("*.toml")):
         recipe = load_recipe(path)
         for other in recipes.values():
-            if (other.image_family, other.text_family) == (recipe.image_family, recipe.text_family):
+            if other.text_family == recipe.text_family and set(other.image_families) & set(recipe.image_families):
                 raise RecipeError(f"{path}: recipes {other.name!r} and {recipe.name!r} match the same families")
         recipes[recipe.name] = recipe
     if not recipes:

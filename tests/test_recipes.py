@@ -29,8 +29,9 @@ def test_recipes_load_with_fp32_tolerance_of_the_issue():
         assert recipe.tolerance("fp16").cosine_min >= 0.999 and recipe.tolerance("bf16").cosine_min >= 0.999
         for low in ("int8", "fp8"):
             assert recipe.tolerance(low).cosine_min >= 0.99 and recipe.tolerance(low).top1_agreement_min >= 0.9
-        # timm and Hugging Face towers bring attention modules the fusion count cannot name: exported unfused
-        assert recipe.opset >= 23 and recipe.attention == ("none" if recipe.name in ("timm", "hf_text", "hf_clip") else "onnx")
+        # timm and transformers' CLIPModel towers export attention unfused; open_clip's blocks and the
+        # Hugging Face text encoders (SDPA) fuse into one ONNX Attention node per block
+        assert recipe.opset >= 23 and recipe.attention == ("none" if recipe.name in ("timm", "hf_clip") else "onnx")
         # EOT trimming needs the causal CLIP text tower; Hugging Face towers keep a fixed context
         assert recipe.towers["text"].dynamic_sequence == (recipe.name not in ("hf_text", "hf_clip"))
         assert not recipe.towers["image"].dynamic_sequence
@@ -107,7 +108,8 @@ def test_batch_range_parses():
     "model, family",
     [("ViT-B-32", "vit"), ("ViT-L-14-336-quickgelu", "vit"), ("RN50x64", "modified_resnet"), ("RN101", "modified_resnet"),
      ("convnext_base", "timm"), ("EVA02-B-16", "timm"), ("MobileCLIP-S1", "timm"),
-     ("xlm-roberta-base-ViT-B-32", "hf_text"), ("roberta-ViT-B-32", "hf_text")],
+     ("xlm-roberta-base-ViT-B-32", "hf_text"), ("roberta-ViT-B-32", "hf_text"), ("mt5-base-ViT-B-32", "hf_text"),
+     ("nllb-clip-large", "hf_text"), ("nllb-clip-base-siglip", "hf_text")],
 )
 def test_builtin_models_map_to_their_recipe(model, family):
     import open_clip
@@ -119,7 +121,6 @@ def test_builtin_models_map_to_their_recipe(model, family):
     "model, reason",
     [
         ("ViT-B-16-SigLIP", "Hugging Face tokenizer 'timm/ViT-B-16-SigLIP'"),
-        ("nllb-clip-base-siglip", "Hugging Face transformer"),
         ("coca_ViT-B-32", "CoCa"),
     ],
 )

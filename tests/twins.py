@@ -134,3 +134,69 @@ def fp32_twin_graphs(family: str, directory: Path, seed: int = 1) -> tuple[Any, 
         graph, _ = run_passes(graph, cfg, disabled=[] if fuse else ["fuse_attention"])
         out[tower] = (module, graph, trim)
     return ref, out
+
+
+# Tiny twins of the other Hugging Face text towers, outside TWINS (they share the hf_text recipe,
+# and every TWINS entry costs each parametrized test a build): write_hf_text_twin builds them.
+# A tiny mT5 encoder (T5 ids: <pad>=0, </s>=1, no BOS; relative position buckets; gated GELU).
+TINY_MT5 = {
+    "architectures": ["MT5ForConditionalGeneration"], "model_type": "mt5", "vocab_size": 512, "d_model": 32,
+    "d_kv": 16, "d_ff": 64, "num_layers": 2, "num_decoder_layers": 1, "num_heads": 2,
+    "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128, "feed_forward_proj": "gated-gelu",
+    "layer_norm_epsilon": 1e-6, "dropout_rate": 0.1, "pad_token_id": 0, "eos_token_id": 1,
+    "decoder_start_token_id": 0, "is_encoder_decoder": True, "tie_word_embeddings": False,
+}
+# A tiny M2M100 encoder as NLLB uses it (<s>=0, <pad>=1, </s>=2; scaled embeddings, sinusoidal positions).
+TINY_M2M100 = {
+    "architectures": ["M2M100ForConditionalGeneration"], "model_type": "m2m_100", "vocab_size": 512, "d_model": 32,
+    "encoder_layers": 2, "decoder_layers": 1, "encoder_attention_heads": 2, "decoder_attention_heads": 2,
+    "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "activation_function": "relu", "max_position_embeddings": 128,
+    "scale_embedding": True, "dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.0,
+    "encoder_layerdrop": 0.0, "decoder_layerdrop": 0.0, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
+    "decoder_start_token_id": 2, "is_encoder_decoder": True,
+}
+_HF_TEXT_CFG = {"hf_model_name": "{dir}/text-model", "hf_tokenizer_name": "{dir}/text-model"}
+HF_TEXT_TWINS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    # mt5-base-ViT-B-32: VisionTransformer + mT5 encoder, mean pooling, MLP projection (open_clip's default)
+    "mt5": ({"embed_dim": 24,
+             "vision_cfg": {"image_size": 32, "layers": 2, "width": 48, "head_width": 24, "patch_size": 8},
+             "text_cfg": {**_HF_TEXT_CFG, "hf_pooler_type": "mean_pooler"}}, TINY_MT5),
+    # nllb-clip-base-siglip: timm ViT with MAP pooling and no projection + NLLB encoder, first-token
+    # pooling, linear projection. timm's test_vit: 0.35 M parameters, width 64, 160x160.
+    "nllb_siglip": ({"embed_dim": 64, "custom_text": True, "init_logit_bias": -10,
+                     "vision_cfg": {"image_size": 160, "timm_model_name": "test_vit", "timm_model_pretrained": False,
+                                    "timm_pool": "map", "timm_proj": "none"},
+                     "text_cfg": {**_HF_TEXT_CFG, "hf_proj_type": "linear", "hf_pooler_type": "cls_pooler"}},
+                    TINY_M2M100),
+}
+
+
+def write_t5_style_tokenizer(directory: Path) -> None:
+    """A word-level tokenizer with T5's special ids: <pad>=0, </s>=1, <unk>=2, and </s> appended only."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(str(directory))
+
+
+def write_hf_text_twin(kind: str, directory: Path, tokenizer: bool = False) -> str:
+    """Write a `local-dir:` twin of HF_TEXT_TWINS[kind] (its text config under text-model/); return the
+    model name. Without `tokenizer` the build has no tokenizer files, as offline for the real models."""
+    cfg, text_model = HF_TEXT_TWINS[kind]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "text-model").mkdir(exist_ok=True)
+    (directory / "text-model" / "config.json").write_text(json.dumps(text_model))
+    if tokenizer:
+        if kind != "mt5":
+            raise ValueError(f"no tokenizer twin for {kind!r}")
+        write_t5_style_tokenizer(directory / "text-model")
+    model_cfg = json.loads(json.dumps(cfg).replace("{dir}", str(directory)))
+    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    return f"local-dir:{directory}"

@@ -1,13 +1,14 @@
-"""Hugging Face text towers (XLM-R, RoBERTa) built offline.
+"""Hugging Face text towers (XLM-R, RoBERTa, the mT5 and NLLB encoders) built offline.
 
 open_clip builds these with `AutoConfig.from_pretrained(hf_model_name)`, a hub request. We
 point `hf_model_name` at a local directory instead: the user's own directory of hub files,
 or a temporary one holding the config.json that clipexport ships in recipes/hf_text/.
 
 Their tokenizers (SentencePiece / BPE files) cannot ship the same way. When neither a local
-directory nor the hub cache has them, parity runs on synthetic token ids shaped like real
-ones (BOS, ids, EOS, then padding), which exercises the padding mask and the mean pooling;
-the artifact then records that it has no tokenizer.
+directory nor the hub cache has them, parity runs on synthetic token ids laid out like the real
+tokenizer's (see `token_layout`: BOS or a language code or nothing, ids, EOS, then padding), which
+exercises the padding mask and the pooling (mean, or the first token); the artifact then records
+that it has no tokenizer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import json
 import tempfile
 import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,31 +74,75 @@ def scratch_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="clipexport-hf-"))
 
 
+# T5 tokenizers add no BOS, only </s> at the end (pad 0, eos 1).
+T5_MODEL_TYPES = ("t5", "mt5", "umt5")
+# mT5's embedding has 250112 rows (a multiple of 128) but its SentencePiece model only 250100 pieces.
+MT5_VOCAB_SIZE, MT5_PIECES = 250112, 250100
+# NLLB-200 (NllbTokenizer, vocabulary 256206): ids from 256001 are the 202 language codes and <mask>.
+# open_clip's HFTokenizer keeps the tokenizer's default source language, eng_Latn (id 256047), and
+# NllbTokenizer (legacy_behaviour=False, the default) writes it first: [eng_Latn] pieces </s> <pad>...
+NLLB_VOCAB_SIZE, NLLB_FIRST_LANGUAGE_CODE, NLLB_ENG_LATN = 256206, 256001, 256047
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where a Hugging Face tokenizer puts its special ids in a padded row.
+
+    [first_id] piece ids... eos_id pad_id pad_id ... (first_id None: the row starts with a piece).
+    """
+
+    pad_id: int
+    eos_id: int
+    first_id: int | None  # BOS (XLM-R, RoBERTa), NLLB's source-language code, or None (T5)
+    piece_end: int  # ordinary pieces lie below this id (language codes and unused rows above)
+
+
+def token_layout(config: Mapping[str, Any]) -> TokenLayout:
+    """The id layout of the tokenizer that goes with a Hugging Face text model's config.json."""
+    vocab = int(config["vocab_size"])
+    pad, eos = int(config.get("pad_token_id", 1)), int(config.get("eos_token_id", 2))
+    bos = config.get("bos_token_id")
+    model_type = str(config.get("model_type", ""))
+    if model_type in T5_MODEL_TYPES:
+        return TokenLayout(pad, eos, None, MT5_PIECES if vocab == MT5_VOCAB_SIZE else vocab)
+    if model_type == "m2m_100" and vocab == NLLB_VOCAB_SIZE:
+        return TokenLayout(pad, eos, NLLB_ENG_LATN, NLLB_FIRST_LANGUAGE_CODE)
+    # XLM-R, RoBERTa, and M2M100 configs of another vocabulary (a test twin): BOS first.
+    return TokenLayout(pad, eos, int(bos) if bos is not None else 0, vocab)
+
+
 class SyntheticTokenizer:
     """Deterministic stand-in ids for parity when the real tokenizer's files are not here.
 
-    Each text gives BOS, a run of ids drawn from its own hash (length grows with the text,
-    capped by the context), EOS, then padding: the shape of real input, not its meaning.
+    Each text gives the layout's first id (if any), a run of piece ids drawn from its own hash
+    (length grows with the text, capped by the context), EOS, then padding: the shape of real
+    input, not its meaning.
     """
 
     kind = "synthetic"
 
-    def __init__(self, vocab_size: int, context_length: int, pad_id: int, bos_id: int, eos_id: int) -> None:
-        self.vocab_size, self.context_length = vocab_size, context_length
-        self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+    def __init__(self, vocab_size: int, context_length: int, layout: TokenLayout) -> None:
+        self.vocab_size, self.context_length, self.layout = vocab_size, context_length, layout
+        self.pad_id, self.eos_id = layout.pad_id, layout.eos_id  # pad_id: read by tokenizer_assets
 
     def __call__(self, texts: list[str]) -> Any:
+        """Texts -> int64 [N, context_length]."""
         import torch
 
-        ids = torch.full((len(texts), self.context_length), self.pad_id, dtype=torch.long)
-        low = max(self.pad_id, self.bos_id, self.eos_id) + 1
+        layout = self.layout
+        start = 0 if layout.first_id is None else 1
+        specials = [layout.pad_id, layout.eos_id] + ([] if layout.first_id is None else [layout.first_id])
+        # pieces never collide with a special id: the padding mask and pooling see exactly the layout
+        low = max((i for i in specials if i < layout.piece_end), default=-1) + 1
+        ids = torch.full((len(texts), self.context_length), layout.pad_id, dtype=torch.long)
         for row, text in enumerate(texts):
-            length = min(self.context_length - 2, 1 + 2 * len(text.split()))
+            length = min(self.context_length - 1 - start, 1 + 2 * len(text.split()))
             generator = torch.Generator().manual_seed(zlib.crc32(text.encode("utf-8")))
-            body = torch.randint(low, self.vocab_size, (length,), generator=generator)
-            ids[row, 0] = self.bos_id
-            ids[row, 1 : 1 + length] = body
-            ids[row, 1 + length] = self.eos_id
+            body = torch.randint(low, layout.piece_end, (length,), generator=generator)
+            if layout.first_id is not None:
+                ids[row, 0] = layout.first_id
+            ids[row, start : start + length] = body
+            ids[row, start + length] = layout.eos_id
         return ids
 
 
@@ -121,13 +168,7 @@ def load_tokenizer(text_cfg: dict[str, Any], context_length: int) -> tuple[Any, 
         except Exception as exc:  # noqa: BLE001 - offline hub errors come in many types
             cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
     config = text_model_config(text_cfg)
-    synthetic = SyntheticTokenizer(
-        vocab_size=int(config["vocab_size"]),
-        context_length=context_length,
-        pad_id=int(config.get("pad_token_id", 1)),
-        bos_id=int(config.get("bos_token_id", 0)),
-        eos_id=int(config.get("eos_token_id", 2)),
-    )
+    synthetic = SyntheticTokenizer(int(config["vocab_size"]), context_length, token_layout(config))
     return synthetic, (
         f"tokenizer {name} is not available here ({cause}); parity uses synthetic token ids and the "
         "artifact has no tokenizer (give a local directory of the tokenizer files to include one)"

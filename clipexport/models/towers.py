@@ -13,6 +13,7 @@ as the full context (every column after a row's EOT is invisible to that row's E
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from open_clip.model import CLIP
@@ -124,7 +125,7 @@ def attention_blocks(tower: nn.Module) -> int:
 def _hf_sdpa_attention(module: nn.Module) -> bool:
     """A transformers attention module whose forward goes through the attention interface
     (ALL_ATTENTION_FUNCTIONS) with the SDPA implementation selected."""
-    cls = type(module)
+    cls: Any = type(module)
     if not cls.__module__.startswith("transformers.models."):
         return False
     config = getattr(module, "config", None)
@@ -135,13 +136,13 @@ def _hf_sdpa_attention(module: nn.Module) -> bool:
 
 def _timm_sdpa_attention(module: nn.Module) -> bool:
     """A timm attention module (ViT blocks, attention-pool heads) on its fused SDPA path."""
-    cls = type(module)
+    cls: Any = type(module)
     return (cls.__module__.startswith("timm.") and bool(getattr(module, "fused_attn", False))
             and _forward_mentions(cls, "scaled_dot_product_attention"))
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_mentions(cls: type, name: str) -> bool:
+def _forward_mentions(cls: Any, name: str) -> bool:
     import inspect
 
     try:
