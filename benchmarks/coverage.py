@@ -71,7 +71,7 @@ def survey(names: list[str], max_params: float, timeout: int, done: dict[str, di
         row: dict = {"model": name, "family": families.describe()}
         recipe = next((r for r in recipes if r.covers(families)), None)
         estimate = estimate_params(open_clip.get_model_config(name))
-        if done and name in done and done[name]["status"] not in ("not run", "skipped"):
+        if done and name in done and done[name]["status"] in ("passed", "failed"):  # the rest: decided anew
             row = done[name]
         elif recipe is None:
             row.update(status="unsupported", reason=unsupported_reason(families))

@@ -362,6 +362,8 @@ def unsupported_reason(families: Families) -> str:
     if families.text == HF_TEXT:
         parts.append("its text tower is a Hugging Face transformer")
     elif families.hf_tokenizer:
-        parts.append(f"its text tower reads the Hugging Face tokenizer {families.hf_tokenizer!r} (hub files)")
+        # recipes/hf_tokenizer_text.toml covers ViT and timm image towers with this text tower
+        parts.append(f"its {families.image} image tower with a text tower reading the Hugging Face tokenizer "
+                     f"{families.hf_tokenizer!r}")
     detail = " and ".join(parts) or f"no recipe matches {families.describe()}"
     return f"{detail}; no recipe covers this family yet"

@@ -22,10 +22,10 @@ def write_tokenizer_assets(ref: Any, directory: Path) -> tuple[dict[str, Any], l
     import open_clip.tokenizer as oc_tokenizer
 
     if ref.text_tokenizer is not None and not isinstance(ref.text_tokenizer, oc_tokenizer.SimpleTokenizer):
-        return _hf_tokenizer_assets(ref.text_tokenizer, context_length, directory)
+        return _hf_tokenizer_assets(ref.text_tokenizer, context_length, directory, _runtime_gap(text_cfg))
     if text_cfg.get("hf_tokenizer_name"):
         raise UnsupportedModelError(
-            f"Hugging Face tokenizer {text_cfg['hf_tokenizer_name']!r}: not supported by this version"
+            f"Hugging Face tokenizer {text_cfg['hf_tokenizer_name']!r}: the build chose no tokenizer for it"
         )
 
     source = Path(oc_tokenizer.__file__).with_name(CLIP_BPE_VOCAB)
@@ -45,15 +45,36 @@ def write_tokenizer_assets(ref: Any, directory: Path) -> tuple[dict[str, Any], l
     return section, [vocab]
 
 
-def _hf_tokenizer_assets(tokenizer: Any, context_length: int, directory: Path) -> tuple[dict[str, Any], list[str]]:
-    """A Hugging Face tokenizer's own files, or a record that the artifact has none (synthetic ids)."""
-    if getattr(tokenizer, "kind", "") == "synthetic":
+def _runtime_gap(text_cfg: dict[str, Any]) -> str:
+    """What open_clip's HFTokenizer does for this model that the runtime's tokenizer (whitespace
+    cleaning, truncation, right padding) would not; "" when nothing."""
+    kwargs = dict(text_cfg.get("tokenizer_kwargs") or {})
+    gaps = []
+    if kwargs.pop("clean", "whitespace") != "whitespace":
+        gaps.append(f"text cleaning {text_cfg['tokenizer_kwargs']['clean']!r}")
+    if kwargs.pop("strip_sep_token", False):
+        gaps.append("replacing the separator token with 0")
+    if text_cfg.get("tokenizer_mode"):
+        gaps.append(f"tokenizer_mode {text_cfg['tokenizer_mode']!r}")
+    gaps += [f"tokenizer option {key!r}" for key in sorted(kwargs)]
+    return ", ".join(gaps)
+
+
+def _hf_tokenizer_assets(
+    tokenizer: Any, context_length: int, directory: Path, runtime_gap: str = ""
+) -> tuple[dict[str, Any], list[str]]:
+    """A Hugging Face tokenizer's own files, or a record that the artifact has none: synthetic ids,
+    or a tokenizer whose open_clip options the runtime cannot reproduce (ids would differ silently)."""
+    synthetic = getattr(tokenizer, "kind", "") == "synthetic"
+    if synthetic or runtime_gap:
+        reason = ("the tokenizer files were not available at build time" if synthetic else
+                  f"the runtime tokenizer cannot reproduce open_clip's {runtime_gap}")
         return {
             "kind": "none",
             "context_length": context_length,
-            "reason": "the tokenizer files were not available at build time; tokenize with the model's "
-                      "Hugging Face tokenizer (pad to context_length) and feed input_ids",
-            "pad_token_id": tokenizer.pad_id,
+            "reason": f"{reason}; tokenize with the model's open_clip tokenizer (open_clip.get_tokenizer, "
+                      "padded to context_length) and feed input_ids",
+            "pad_token_id": tokenizer.pad_id if hasattr(tokenizer, "pad_id") else tokenizer.tokenizer.pad_token_id,
         }, []
     target_dir = directory / TOKENIZER_DIR
     written = tokenizer.tokenizer.save_pretrained(str(target_dir))

@@ -242,7 +242,9 @@ def test_list_shows_recipes_and_models():
     assert result.exit_code == 0
     assert "vit:" in result.output and "RN50x64" in result.output and "ViT-L-14-336" in result.output
     everything = run("list", "--all").output
-    assert "ViT-B-16-SigLIP: its text tower reads the Hugging Face tokenizer" in everything
+    assert "ViT-B-16-SigLIP" in everything and "mt5-base-ViT-B-32" in everything  # covered now
+    unsupported = everything.split("unsupported", 1)[-1] if "unsupported" in everything else everything
+    assert "coca_ViT-B-32: " in unsupported and "CoCa" in unsupported
 
 
 def test_help_teaches():

@@ -200,3 +200,30 @@ def write_hf_text_twin(kind: str, directory: Path, tokenizer: bool = False) -> s
     model_cfg = json.loads(json.dumps(cfg).replace("{dir}", str(directory)))
     (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
     return f"local-dir:{directory}"
+
+
+# Tiny twins of the built-in text transformer fed by a Hugging Face tokenizer (recipe
+# hf_tokenizer_text), outside TWINS for the same reason as HF_TEXT_TWINS. No tokenizer files are
+# written: the build runs on synthetic ids, as offline for SigLIP, CLIPA and the worldwide ViTs.
+HF_TOKENIZER_TEXT_TWINS: dict[str, dict[str, Any]] = {
+    # ViT-B-16-SigLIP: timm ViT (MAP pooling, no projection), text without causal mask, 'last' pooling
+    "siglip": {"embed_dim": 64, "init_logit_bias": -10,
+               "vision_cfg": {"image_size": 160, "timm_model_name": "test_vit", "timm_model_pretrained": False,
+                              "timm_pool": "map", "timm_proj": "none"},
+               "text_cfg": {"context_length": 64, "vocab_size": 32000, "hf_tokenizer_name": "timm/ViT-B-16-SigLIP",
+                            "tokenizer_kwargs": {"clean": "canonicalize"}, "width": 32, "heads": 2, "layers": 2,
+                            "no_causal_mask": True, "proj_bias": True, "pool_type": "last",
+                            "norm_kwargs": {"eps": 1e-6}}},
+    # ViT-H-14-worldwide: open_clip ViT, causal text with 'eos' pooling on XLM-V's </s>=2
+    "worldwide": {"embed_dim": 24,
+                  "vision_cfg": {"image_size": 32, "layers": 2, "width": 48, "head_width": 24, "patch_size": 8},
+                  "text_cfg": {"hf_tokenizer_name": "facebook/xlm-v-base", "pool_type": "eos", "eos_id": 2,
+                               "context_length": 77, "vocab_size": 1024, "width": 32, "heads": 2, "layers": 2}},
+}
+
+
+def write_hf_tokenizer_text_twin(kind: str, directory: Path) -> str:
+    """Write a `local-dir:` twin of HF_TOKENIZER_TEXT_TWINS[kind]; return the model name."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": HF_TOKENIZER_TEXT_TWINS[kind]}))
+    return f"local-dir:{directory}"

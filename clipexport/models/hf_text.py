@@ -8,7 +8,9 @@ Their tokenizers (SentencePiece / BPE files) cannot ship the same way. When neit
 directory nor the hub cache has them, parity runs on synthetic token ids laid out like the real
 tokenizer's (see `token_layout`: BOS or a language code or nothing, ids, EOS, then padding), which
 exercises the padding mask and the pooling (mean, or the first token); the artifact then records
-that it has no tokenizer.
+that it has no tokenizer. The same stand-in serves open_clip's built-in text transformer when
+the Hugging Face tokenizer it reads (SigLIP, CLIPA, worldwide) is not in the hub cache
+(`load_builtin_tokenizer`, `builtin_token_layout`).
 """
 
 from __future__ import annotations
@@ -150,26 +152,100 @@ def text_model_config(text_cfg: dict[str, Any]) -> dict[str, Any]:
     return json.loads((Path(text_cfg["hf_model_name"]) / "config.json").read_text(encoding="utf-8"))
 
 
-def load_tokenizer(text_cfg: dict[str, Any], context_length: int) -> tuple[Any, str]:
-    """The real tokenizer when its files are local (a directory, or the hub cache); else synthetic ids."""
-    name = str(text_cfg.get("hf_tokenizer_name") or text_cfg["hf_model_name"])
+def _real_tokenizer(name: str, context_length: int, kwargs: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+    """(open_clip's HFTokenizer, "") when `name` loads offline (a local directory, or the hub cache);
+    else (None, why not)."""
     local = Path(name).expanduser()
     if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
         # transformers builds an empty tokenizer (every word <unk>) from a directory without these
-        cause = f"{local} has none of {', '.join(TOKENIZER_FILES)}"
-    else:
-        try:
-            from open_clip.tokenizer import HFTokenizer
+        return None, f"{local} has none of {', '.join(TOKENIZER_FILES)}"
+    try:
+        from open_clip.tokenizer import HFTokenizer
 
-            tokenizer = HFTokenizer(name, context_length=context_length)
-            if len(tokenizer.tokenizer) < MIN_REAL_VOCAB:
-                raise ValueError(f"it has only {len(tokenizer.tokenizer)} tokens")
-            return tokenizer, f"tokenizer {name}"
-        except Exception as exc:  # noqa: BLE001 - offline hub errors come in many types
-            cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-    config = text_model_config(text_cfg)
-    synthetic = SyntheticTokenizer(int(config["vocab_size"]), context_length, token_layout(config))
-    return synthetic, (
+        tokenizer = HFTokenizer(name, context_length=context_length, **dict(kwargs or {}))
+        if len(tokenizer.tokenizer) < MIN_REAL_VOCAB:
+            raise ValueError(f"it has only {len(tokenizer.tokenizer)} tokens")
+        return tokenizer, ""
+    except Exception as exc:  # noqa: BLE001 - offline hub errors come in many types
+        return None, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+
+
+def _synthetic_note(name: str, cause: str) -> str:
+    return (
         f"tokenizer {name} is not available here ({cause}); parity uses synthetic token ids and the "
         "artifact has no tokenizer (give a local directory of the tokenizer files to include one)"
+    )
+
+
+def load_tokenizer(text_cfg: dict[str, Any], context_length: int) -> tuple[Any, str]:
+    """The real tokenizer when its files are local (a directory, or the hub cache); else synthetic ids."""
+    name = str(text_cfg.get("hf_tokenizer_name") or text_cfg["hf_model_name"])
+    tokenizer, cause = _real_tokenizer(name, context_length)
+    if tokenizer is not None:
+        return tokenizer, f"tokenizer {name}"
+    config = text_model_config(text_cfg)
+    synthetic = SyntheticTokenizer(int(config["vocab_size"]), context_length, token_layout(config))
+    return synthetic, _synthetic_note(name, cause)
+
+
+# -- open_clip's built-in TextTransformer fed by a Hugging Face tokenizer (SigLIP, CLIPA, worldwide) --
+# No config.json describes these tokenizers offline: their layouts, by tokenizer, as open_clip's
+# HFTokenizer (padding='max_length') writes them. BERT (CLIPA, strip_sep_token): [CLS]=101 pieces,
+# [SEP] replaced by 0, pad 0; WordPiece pieces end at 30522 though the embedding has 32000 rows.
+BERT_CLS, BERT_VOCAB = 101, 30522
+# XLM-V (worldwide ViT-H/bigG): XLM-R's special ids, <s>=0 <pad>=1 </s>=2.
+XLMR_BOS, XLMR_PAD = 0, 1
+# SigLIP's English SentencePiece (HF's SiglipTokenizer): pieces then </s>=1, padded with </s>.
+SIGLIP_PAD_EOS = 1
+# SigLIP 2's Gemma tokenizer: pieces then <eos>=1, <pad>=0 (no BOS, as big_vision trains it).
+GEMMA_PAD, GEMMA_EOS = 0, 1
+
+
+def builtin_token_layout(text_cfg: Mapping[str, Any]) -> TokenLayout:
+    """The id layout of the Hugging Face tokenizer that feeds a built-in text transformer.
+
+    Synthetic ids only need the right shape: special ids where the pooling ('last', 'eos' with
+    text_cfg.eos_id, 'argmax') reads them, ordinary pieces elsewhere.
+    """
+    vocab = int(text_cfg.get("vocab_size", 49408))
+    name = str(text_cfg.get("hf_tokenizer_name", "")).lower()
+    kwargs = text_cfg.get("tokenizer_kwargs") or {}
+    if kwargs.get("strip_sep_token") or "bert" in name:
+        return TokenLayout(pad_id=0, eos_id=0, first_id=BERT_CLS, piece_end=min(vocab, BERT_VOCAB))
+    if text_cfg.get("pool_type") == "eos":
+        eos = int(text_cfg.get("eos_id", 2))
+        if "t5" in name:  # mT5's SentencePiece (worldwide ViT-L): <pad>=0 </s>=1, no BOS
+            return TokenLayout(0, eos, None, MT5_PIECES if vocab == MT5_VOCAB_SIZE else vocab)
+        return TokenLayout(XLMR_PAD, eos, XLMR_BOS, vocab)
+    if "siglip2" in name:
+        return TokenLayout(GEMMA_PAD, GEMMA_EOS, None, vocab)
+    if "siglip" in name:
+        return TokenLayout(SIGLIP_PAD_EOS, SIGLIP_PAD_EOS, None, vocab)
+    # an unknown tokenizer (a local-dir model): the ids its text_cfg names, EOS then padding
+    return TokenLayout(int(text_cfg.get("pad_id", 0)), int(text_cfg.get("eos_id", 2)), None, vocab)
+
+
+def load_builtin_tokenizer(name: str, text_cfg: Mapping[str, Any], local_dir: Path | None) -> tuple[Any, str]:
+    """open_clip's own tokenizer for a built-in text transformer when it loads offline; else synthetic ids.
+
+    As open_clip.get_tokenizer does: a `local-dir:` model's tokenizer files sit in its directory,
+    a built-in model's come from text_cfg.hf_tokenizer_name (the hub cache, offline).
+    """
+    source = str(local_dir) if local_dir is not None else str(text_cfg["hf_tokenizer_name"])
+    context_length = int(text_cfg.get("context_length", 77))
+    kwargs = {k: v for k, v in (text_cfg.get("tokenizer_kwargs") or {}).items()}
+    if text_cfg.get("tokenizer_mode"):
+        kwargs["tokenizer_mode"] = text_cfg["tokenizer_mode"]
+    if local_dir is None:
+        # the hub cache only: a machine without network would otherwise wait out the hub's retries
+        kwargs["local_files_only"] = True
+    tokenizer, cause = _real_tokenizer(source, context_length, kwargs)
+    if tokenizer is not None:
+        return tokenizer, f"tokenizer {source} (open_clip's HFTokenizer, found offline)"
+    layout = builtin_token_layout(text_cfg)
+    synthetic = SyntheticTokenizer(int(text_cfg.get("vocab_size", 49408)), context_length, layout)
+    return synthetic, (
+        f"tokenizer {source} is not available offline ({cause}); parity uses synthetic token ids and the "
+        f"artifact has no tokenizer (to use it, put it in the Hugging Face cache, or build {name} as a "
+        "local-dir: model whose directory holds the tokenizer files)"
     )

@@ -18,8 +18,14 @@ from typing import Any, Iterator
 
 from clipexport.errors import UnknownModelError, WeightsError
 from clipexport.models import hf_clip
-from clipexport.models.architecture import HF_CLIP_VISION, HF_TEXT, Families, families_of
-from clipexport.models.hf_text import load_tokenizer, offline_text_cfg, scratch_dir
+from clipexport.models.architecture import (
+    HF_CLIP_VISION,
+    HF_TEXT,
+    TEXT_TRANSFORMER_HF_TOKENIZER,
+    Families,
+    families_of,
+)
+from clipexport.models.hf_text import load_builtin_tokenizer, load_tokenizer, offline_text_cfg, scratch_dir
 from clipexport.models.weights import FILE, RANDOM, TAG, WeightsSpec, parse_pretrained
 
 LOCAL_DIR = "local-dir:"
@@ -115,7 +121,8 @@ class ReferenceModel:
     families: Families
     weights: WeightsSpec
     notes: list[str] = field(default_factory=list)
-    # set for Hugging Face text towers: their own tokenizer, or synthetic ids when it is not here
+    # set for Hugging Face text towers and built-in ones fed by a Hugging Face tokenizer: the
+    # real tokenizer, or synthetic ids when it is not here
     text_tokenizer: Any = None
     # set when the model is a meta-device skeleton whose towers are made real one at a time
     tower_source: Any = None  # models.per_tower.TowerSource
@@ -215,7 +222,9 @@ def load_reference(name: str, pretrained: str | None = None, seed: int = 0, per_
         cfg = {**cfg, "quick_gelu": True}
 
     if per_tower:
-        return _load_per_tower(name, cfg, families, weights, seed, notes)
+        ref = _load_per_tower(name, cfg, families, weights, seed, notes)
+        ref.text_tokenizer = _builtin_hf_tokenizer(name, cfg, families, ref.notes)
+        return ref
     scratch = None
     if families.text == HF_TEXT:
         # open_clip would ask the hub for the text model's config.json: give it a local one.
@@ -229,6 +238,8 @@ def load_reference(name: str, pretrained: str | None = None, seed: int = 0, per_
         if scratch is not None:
             text_tokenizer, source = load_tokenizer(kwargs["text_cfg"], int(cfg["text_cfg"].get("context_length", 77)))
             notes.append(source)
+        else:
+            text_tokenizer = _builtin_hf_tokenizer(name, cfg, families, notes)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -239,6 +250,20 @@ def load_reference(name: str, pretrained: str | None = None, seed: int = 0, per_
         notes.append(f"random weights (seed {seed}): embeddings carry no meaning, parity still does")
     return ReferenceModel(name=name, model=model, model_cfg=cfg, families=families, weights=weights, notes=notes,
                           text_tokenizer=text_tokenizer)
+
+
+def _builtin_hf_tokenizer(name: str, cfg: dict[str, Any], families: Families, notes: list[str]) -> Any:
+    """The tokenizer of a built-in text transformer that reads a Hugging Face tokenizer; None otherwise.
+
+    The model builds offline; only its tokenizer reads hub files: open_clip's when it loads
+    offline, else synthetic ids (open_clip.get_tokenizer would raise). The note says which.
+    """
+    if families.text != TEXT_TRANSFORMER_HF_TOKENIZER:
+        return None
+    local_dir = Path(name[len(LOCAL_DIR):]) if name.startswith(LOCAL_DIR) else None
+    tokenizer, source = load_builtin_tokenizer(name, cfg["text_cfg"], local_dir)
+    notes.append(source)
+    return tokenizer
 
 
 def _load_per_tower(name: str, cfg: dict[str, Any], families: Families, weights: WeightsSpec, seed: int,
