@@ -172,15 +172,28 @@ def _tower_module(ref: ReferenceModel, tower: str) -> Any:
 
 
 def _trimmable(ref: ReferenceModel, tower: str, spec: TowerSpec) -> tuple[bool, str]:
-    """Whether this text tower is exported with a dynamic 'sequence' axis, and if not, why."""
+    """Whether this text tower is exported with a dynamic 'sequence' axis, and if not, why.
+
+    The built-in causal tower trims exactly after EOT (models/towers.py); a bidirectional
+    Hugging Face tower trims to its longest unpadded row: its padding mask hides the rest.
+    """
     from clipexport.models.towers import untrimmable_reason
 
     if tower != "text":
         return False, ""
     if not spec.dynamic_sequence:
         return False, "the recipe exports a fixed context length"
+    if ref.families.text == HF_TEXT:
+        return True, ""
     reason = untrimmable_reason(ref.model)
     return not reason, reason
+
+
+def _pad_id(ref: ReferenceModel) -> int:
+    """The id that right-pads token rows: 0 for CLIP BPE, the text model's own for Hugging Face towers."""
+    if ref.families.text == HF_TEXT:
+        return int(ref.model.text.config.pad_token_id)
+    return 0
 
 
 def _anchors(ref: ReferenceModel, tower: str, seed: int) -> Any:
@@ -226,6 +239,7 @@ def tower_parity(
     trim: bool = False,
     anchors: Any = None,
     release: Callable[[], None] | None = None,
+    pad_id: int = 0,
 ) -> TowerParity:
     """Reference tower vs its ONNX file on ONNX Runtime, on random pixels or real prompts.
 
@@ -261,7 +275,7 @@ def tower_parity(
                     "activations, fp32 arithmetic): the numbers of fp8, not its speed")
         with IsolatedOnnxRuntimeCandidate(path, spec.input_name) as candidate:
             parity = check_tower(tower, reference, candidate, inputs, tolerance, candidate.backend, precision,
-                                 anchors=anchors, trim=trim)
+                                 anchors=anchors, trim=trim, pad_id=pad_id)
     parity.note = note
     parity.top1_gated = ref.weights.kind != RANDOM
     return parity
@@ -303,7 +317,7 @@ def tower_engine(
 
     def check(candidate: Any, backend: str) -> TowerParity:
         return check_tower(tower, module, candidate, inputs, tolerance, backend, options.precision,
-                           anchors=anchors, trim=trim)
+                           anchors=anchors, trim=trim, pad_id=_pad_id(ref))
 
     step = EngineStepOptions(
         build=EngineBuildOptions(options.builder_memory_limit, options.builder_optimization_level, timing),
@@ -415,7 +429,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
             # anchors would need the other tower, so none then.
             with progress.stage(f"verify {tower} tower (batches {sizes})"):
                 parity = tower_parity(ref, tower, reference, onnx_path, spec, tolerance, sizes, options.seed,
-                                      options.precision, trim=trim, anchors=anchors)
+                                      options.precision, trim=trim, anchors=anchors, pad_id=_pad_id(ref))
             del reference
             progress.say(f"    {parity.summary()}")
             parities[tower] = parity
@@ -431,7 +445,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 "outputs": outputs,
                 "passes": [r.to_json() for r in records],
                 "attention": pass_cfg.details.get("attention"),
-                **({"sequence": _sequence_json(trim, trim_reason, ref.context_length)} if tower == "text" else {}),
+                **({"sequence": _sequence_json(trim, trim_reason, ref.context_length, _pad_id(ref))} if tower == "text" else {}),
                 **({"quantization": pass_cfg.details["quantize"]} if "quantize" in pass_cfg.details else {}),
                 **({"calibration": calibration.to_json()} if calibration else {}),
                 "parity": parity.to_json(),
@@ -474,11 +488,11 @@ def _releaser(ref: ReferenceModel, tower: str) -> Callable[[], None] | None:
     return lambda: ref.release(tower)
 
 
-def _sequence_json(trim: bool, reason: str, context_length: int) -> dict[str, Any]:
+def _sequence_json(trim: bool, reason: str, context_length: int, pad_id: int = 0) -> dict[str, Any]:
     """How the runtime may cut token ids: the contract behind the input shape [batch, sequence]."""
     if trim:
-        return {"axis": "sequence", "min": 2, "max": context_length,
-                "trim": "max EOT position + 1 (EOT = each row's largest id)"}
+        return {"axis": "sequence", "min": 2, "max": context_length, "pad_id": pad_id,
+                "trim": "the batch's last column holding a non-pad id, + 1 (for CLIP ids: max EOT position + 1)"}
     return {"axis": None, "length": context_length, "trim": None, "reason": reason}
 
 
@@ -572,6 +586,7 @@ def verify_artifact(directory: Path, progress: Progress | None = None, files_onl
             ref.materialize(tower)
             parity = tower_parity(ref, tower, _tower_module(ref, tower), directory / info["onnx"], spec, tol,
                                   sizes, int(weights["seed"]), manifest["precision"], trim=trim,
+                                  pad_id=int((info.get("sequence") or {}).get("pad_id", 0)),
                                   anchors=None if ref.per_tower else _anchors(ref, tower, int(weights["seed"])),
                                   release=_releaser(ref, tower))
         progress.say(f"    {parity.summary()}")

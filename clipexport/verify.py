@@ -150,15 +150,19 @@ def text_inputs(batch_sizes: Sequence[int], tokenizer: Callable[[list[str]], Any
     return out
 
 
-def trim_to_eot(ids: np.ndarray) -> np.ndarray:
-    """Token ids [B, L] cut to max EOT position + 1 columns (EOT = each row's largest id).
+def trim_to_eot(ids: np.ndarray, pad_id: int = 0) -> np.ndarray:
+    """Token ids [B, L] cut after the batch's last non-padding column.
 
-    Exact for a causal text tower with argmax pooling: no row's EOT sees a later column.
-    At least 2 columns (SOT + EOT), the shortest input the trimmable graph accepts.
+    CLIP BPE ids (pad 0): that is max EOT position + 1, exact for a causal text tower with
+    argmax pooling (no row's EOT sees a later column). Hugging Face ids (right-padded with
+    pad_id): the longest unpadded row, exact because the padding mask hides the rest.
+    At least 2 columns (SOT + EOT), the shortest input a trimmable graph accepts.
     """
     if ids.ndim != 2 or ids.shape[1] == 0:
         raise ParityError(f"token ids must be [batch, sequence], got shape {ids.shape}")
-    length = max(2, int(ids.argmax(axis=1).max()) + 1)
+    used = ids != pad_id
+    last = np.where(used.any(axis=1), ids.shape[1] - np.argmax(used[:, ::-1], axis=1), 0)
+    length = max(2, int(last.max()))
     return np.ascontiguousarray(ids[:, : min(length, ids.shape[1])])
 
 
@@ -187,6 +191,7 @@ def check_tower(
     precision: str = "fp32",
     anchors: np.ndarray | None = None,
     trim: bool = False,
+    pad_id: int = 0,
 ) -> TowerParity:
     """Run reference (a torch module) and candidate on every input batch and compare.
 
@@ -203,7 +208,7 @@ def check_tower(
             ref = reference(batch).float().numpy()
         ids = batch.numpy()
         if trim:
-            ids = trim_to_eot(ids)
+            ids = trim_to_eot(ids, pad_id)
             result.trimmed_lengths.append(int(ids.shape[1]))
         cand = np.asarray(candidate(ids))
         result.batches.append(compare(ref, cand, int(batch.shape[0])))

@@ -35,7 +35,10 @@ def test_build_passes_with_the_local_tokenizer(hf_artifact):
     manifest = result.manifest
     assert manifest["recipe"] == "hf_text" and manifest["families"]["text"] == "hf-text"
     assert manifest["tokenizer"]["kind"] == "hf" and "tokenizer/tokenizer.json" in manifest["files"]
-    assert manifest["towers"]["text"]["inputs"] == [{"name": "input_ids", "dtype": "int64", "shape": ["batch", 77]}]
+    # a dynamic sequence axis: the runtime cuts batches after their longest unpadded row
+    assert manifest["towers"]["text"]["inputs"] == [{"name": "input_ids", "dtype": "int64",
+                                                     "shape": ["batch", "sequence"]}]
+    assert manifest["towers"]["text"]["sequence"]["pad_id"] == 1
     for parity in result.parity.values():
         assert parity.passed and parity.cosine_min >= 0.99999 and parity.max_rel_err <= 1e-4
 

@@ -36,9 +36,9 @@ def test_recipes_load_with_fp32_tolerance_of_the_issue():
         # timm and transformers' CLIPModel towers export attention unfused; open_clip's blocks and the
         # Hugging Face text encoders (SDPA) fuse into one ONNX Attention node per block
         assert recipe.opset >= 23 and recipe.attention == ("none" if recipe.name in ("timm", "hf_clip", "hf_tokenizer_text") else "onnx")
-        # EOT trimming needs the causal CLIP text tower with argmax pooling; Hugging Face towers and
-        # the 'last'/'eos'-pooled text fed by a Hugging Face tokenizer keep a fixed context
-        fixed = ("hf_text", "hf_clip", "hf_tokenizer_text")
+        # Trimming needs the causal CLIP text tower with argmax pooling, or a Hugging Face encoder
+        # with its padding mask; CLIPModel and the 'last'/'eos'-pooled towers keep a fixed context
+        fixed = ("hf_clip", "hf_tokenizer_text")
         assert recipe.towers["text"].dynamic_sequence == (recipe.name not in fixed)
         assert not recipe.towers["image"].dynamic_sequence
         assert "LayerNormalization" in recipe.precision.keep_fp32_ops and "Softmax" in recipe.precision.keep_fp32_ops

@@ -21,8 +21,9 @@ from clipexport.prompts import PARITY_PROMPTS
 from clipexport.recipes import BatchRange, load_recipes
 from clipexport.verify import compare, trim_to_eot
 
-# Families whose recipe exports a trimmable text tower (a Hugging Face text tower is not causal).
-TRIMMABLE = sorted(f for f in TWINS if load_recipes()[f].towers["text"].dynamic_sequence)
+# Families whose recipe exports a causal text tower trimmed after EOT (the Hugging Face text tower
+# trims after its longest unpadded row instead: tested at the end of this file).
+TRIMMABLE = sorted(f for f in TWINS if load_recipes()[f].towers["text"].dynamic_sequence and f != "hf_text")
 
 
 @pytest.fixture(scope="module", params=TRIMMABLE)
@@ -132,3 +133,35 @@ def test_build_manifest_declares_the_sequence_axis(twin, tmp_path):
     # build parity ran trimmed inputs (several lengths) against the full-length reference
     assert parity["passed"] and len(set(parity["trimmed_lengths"])) >= 2 and min(parity["trimmed_lengths"]) < 77
     assert parity["cosine_min"] >= 0.99999
+
+
+def test_hugging_face_text_tower_trims_after_its_longest_unpadded_row(twin, tmp_path):
+    """XLM-R-style ids are right-padded with pad id 1; the padding mask makes cutting them exact."""
+    import clipexport
+    from clipexport.build import BuildOptions, build
+
+    model = twin("hf_text")
+    out = tmp_path / "art"
+    result = build(BuildOptions(model=model, pretrained="none", towers=["text"], out=out))
+    sequence = result.manifest["towers"]["text"]["sequence"]
+    assert sequence["axis"] == "sequence" and sequence["pad_id"] == 1
+    parity = result.parity["text"]
+    assert min(parity.trimmed_lengths) < 20 and parity.cosine_min >= 0.99999 and parity.max_rel_err < 1e-4
+
+    ref = load_reference(model, "none", seed=0)
+    texts = ["a photo of the dog", "a red car at night on the sea with two people", "cat"]
+    ids = ref.tokenizer()(texts)
+    assert int(ids[2, -1]) == 1  # right-padded with the pad id
+    with torch.no_grad():
+        want = ref.tower("text")(ids).numpy()
+    runtime = clipexport.load(out, backend="onnxruntime")
+    assert runtime.trims_text
+    got = runtime.encode_tokens(ids.numpy(), normalize=False)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+    # the check can fail: one column short of the longest row changes that row's embedding
+    session = ort.InferenceSession(str(out / "text.onnx"), providers=["CPUExecutionProvider"])
+    keep = trim_to_eot(ids.numpy(), pad_id=1).shape[1]
+    assert keep < 20
+    short = _run(session, np.ascontiguousarray(ids.numpy()[:, : keep - 1]))
+    assert compare(want, short, 3).max_rel_err > 1e-3

@@ -168,8 +168,11 @@ def image_tower(clip: nn.Module) -> nn.Module:
 
 
 def text_tower(clip: nn.Module, trimmable: bool = False) -> nn.Module:
-    """The text tower; `trimmable` asks for the variant with a dynamic sequence length."""
-    if trimmable:
+    """The text tower; `trimmable` asks for the variant with a dynamic sequence length.
+
+    A Hugging Face text tower (CustomTextCLIP.text) already takes any length: it derives its
+    padding mask and position ids from the ids, so the plain tower serves both."""
+    if trimmable and isinstance(clip, CLIP):
         return TrimmableTextTower(clip)
     if isinstance(clip, CLIP):
         return BuiltinTextTower(clip)

@@ -89,6 +89,7 @@ class Runtime:
         self._no_tokenizer_reason = ""
         self._context_length = 0
         self.trims_text = False
+        self._pad_id = 0
         if "text" in self.towers:
             if "tokenizer" not in manifest:
                 raise ArtifactError(f"{directory}: manifest has a text tower but no tokenizer section")
@@ -107,10 +108,12 @@ class Runtime:
             if isinstance(shape[1], int) and shape[1] != self._context_length:
                 raise ArtifactError(f"{directory}: text tower takes {shape[1]} tokens but the tokenizer makes "
                                     f"{self._context_length}")
-            # A symbolic sequence axis means the graph was exported for exact EOT trimming (CLIP BPE ids,
-            # where 0 pads after EOT).
+            # A symbolic sequence axis means the graph was exported for exact trimming: after EOT for
+            # CLIP BPE ids (0 pads after EOT), after the longest unpadded row for Hugging Face ids.
+            sequence = manifest["towers"]["text"].get("sequence") or {}
+            self._pad_id = int(sequence.get("pad_id", 0))
             self.trims_text = (isinstance(shape[1], str) and backend.dynamic_text_length
-                               and isinstance(self._tokenizer, ClipTokenizer))
+                               and sequence.get("axis") == "sequence")
 
     # -- properties ------------------------------------------------------------------------
 
@@ -214,9 +217,9 @@ class Runtime:
         if not self.trims_text:
             chunks = [self._run("text", ids[i:i + size]) for i in range(0, len(ids), size)]
             return self._finish(chunks, "text", normalize)
-        # Columns up to each row's last non-zero id (its EOT); at least SOT + EOT.
-        nonzero = ids != 0
-        lengths = np.where(nonzero.any(axis=1), length - np.argmax(nonzero[:, ::-1], axis=1), 0)
+        # Columns up to each row's last non-pad id (its EOT); at least SOT + EOT.
+        used = ids != self._pad_id
+        lengths = np.where(used.any(axis=1), length - np.argmax(used[:, ::-1], axis=1), 0)
         order = np.argsort(lengths, kind="stable")
         chunks = []
         for i in range(0, len(ids), size):
