@@ -160,9 +160,9 @@ def trim_to_eot(ids: np.ndarray, pad_id: int = 0) -> np.ndarray:
     """
     if ids.ndim != 2 or ids.shape[1] == 0:
         raise ParityError(f"token ids must be [batch, sequence], got shape {ids.shape}")
-    used = ids != pad_id
-    last = np.where(used.any(axis=1), ids.shape[1] - np.argmax(used[:, ::-1], axis=1), 0)
-    length = max(2, int(last.max()))
+    from clipexport.runtime.tokenizer import unpadded_lengths
+
+    length = max(2, int(unpadded_lengths(ids, pad_id).max()))
     return np.ascontiguousarray(ids[:, : min(length, ids.shape[1])])
 
 

@@ -107,9 +107,9 @@ def materialize(model: Any, tower: str, source: TowerSource) -> None:
     if source.checkpoint is not None:
         _copy_checkpoint(model, tower, source.checkpoint)
     for module in _tower_modules(model, tower):
-        module.eval().requires_grad_(False)
-    for p in _tower_tensors(model, tower).values():
-        p.requires_grad_(False)
+        module.eval()
+    for tensor in _all_tensors(model, tower):  # modules' tensors and the CLIP-level text parameters
+        tensor.requires_grad_(False)
 
 
 def release(model: Any, tower: str, cfg: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from clipexport.errors import ArtifactError, InputError, UsageError
 from clipexport.runtime.backends import Backend, open_backend
 from clipexport.runtime.preprocess import ImageInput, ImagePreprocessor, PreprocessConfig, as_image_list
 from clipexport.runtime.hf_tokenizer import HFRuntimeTokenizer
-from clipexport.runtime.tokenizer import ClipTokenizer, as_text_list
+from clipexport.runtime.tokenizer import ClipTokenizer, as_text_list, unpadded_lengths
 
 #: Zero-shot template when classify() gets none.
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
@@ -218,8 +218,7 @@ class Runtime:
             chunks = [self._run("text", ids[i:i + size]) for i in range(0, len(ids), size)]
             return self._finish(chunks, "text", normalize)
         # Columns up to each row's last non-pad id (its EOT); at least SOT + EOT.
-        used = ids != self._pad_id
-        lengths = np.where(used.any(axis=1), length - np.argmax(used[:, ::-1], axis=1), 0)
+        lengths = unpadded_lengths(ids, self._pad_id)
         order = np.argsort(lengths, kind="stable")
         chunks = []
         for i in range(0, len(ids), size):

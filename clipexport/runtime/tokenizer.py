@@ -266,6 +266,16 @@ class ClipTokenizer:
         return "".join(text)
 
 
+def unpadded_lengths(ids: np.ndarray, pad_id: int = 0) -> np.ndarray:
+    """Per row of right-padded ids [N, L]: the index after its last non-pad id (0 for an all-pad row).
+
+    For CLIP BPE ids (pad 0) that is the EOT position + 1. Exact trimming of a batch keeps
+    the maximum of these columns (the runtime and parity both cut that way).
+    """
+    used = ids != pad_id
+    return np.where(used.any(axis=1), ids.shape[1] - np.argmax(used[:, ::-1], axis=1), 0)
+
+
 def as_text_list(texts: str | Sequence[str]) -> list[str]:
     """One string or a list/tuple of strings -> a list; anything else is an InputError."""
     if isinstance(texts, str):
