@@ -9,6 +9,7 @@ peak RSS, or the exact reason it is unsupported.
     python benchmarks/coverage.py --only 'RN|ViT-B'    # a regex of model names
     python benchmarks/coverage.py --max-params 500e6   # skip larger configs (listed as skipped)
     python benchmarks/coverage.py --resume --budget-minutes 60   # continue a survey, an hour at a time
+    python benchmarks/coverage.py --resume --jobs 2 --memory-gb 20   # two builds at once while they fit
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -45,7 +48,8 @@ print("RESULT " + json.dumps(result), flush=True)
 
 
 def estimate_params(cfg: dict) -> float:
-    """Rough parameter count of a transformer config (12 * width^2 per layer), to skip what cannot fit."""
+    """Rough parameter count of a transformer config (12 * width^2 per layer): the fallback when
+    the model cannot be built on the meta device."""
     total = 0.0
     for tower in ("vision_cfg", "text_cfg"):
         c = cfg.get(tower, {})
@@ -56,42 +60,129 @@ def estimate_params(cfg: dict) -> float:
     return total
 
 
-def survey(names: list[str], max_params: float, timeout: int, done: dict[str, dict] | None = None,
-           deadline: float = float("inf")) -> list[dict]:
-    """One row per name; rows in `done` (an earlier run's) are kept, and names reached after
-    `deadline` (time.monotonic) are listed as not run yet."""
-    from clipexport.models.architecture import families_of
-    from clipexport.recipes import load_recipes, unsupported_reason
+def tower_sizes(name: str) -> dict[str, float]:
+    """Exact parameters per tower, counted on PyTorch's meta device (nothing allocated, under a
+    second); Hugging Face text towers get clipexport's bundled offline config."""
+    import shutil
+    import warnings
+
+    import open_clip
+    import torch
+
+    from clipexport.models.architecture import HF_TEXT, families_of
+    from clipexport.models.hf_text import offline_text_cfg, scratch_dir
+    from clipexport.models.open_clip_source import _quiet_open_clip
+
+    cfg = open_clip.get_model_config(name)
+    kwargs: dict = {}
+    scratch = scratch_dir()
+    try:
+        if families_of(cfg).text == HF_TEXT:
+            kwargs.update(text_cfg=offline_text_cfg(cfg["text_cfg"], scratch)[0], pretrained_text=False)
+        with torch.device("meta"), _quiet_open_clip(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = open_clip.create_model(name, pretrained=None, load_weights=False, device="meta", **kwargs)
+        total = float(sum(p.numel() for p in model.parameters()))
+        image = float(sum(p.numel() for p in model.visual.parameters()))
+        return {"image": image, "text": total - image, "total": total}
+    except Exception:  # noqa: BLE001 - a config the meta device cannot build: the rough count, all in one tower
+        rough = estimate_params(cfg)
+        return {"image": rough, "text": 0.0, "total": rough}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def predicted_peak_gb(name: str, sizes: dict[str, float]) -> float:
+    """Peak RSS a build is expected to reach, from this machine's earlier surveys: about 1.5 GB plus
+    6x the fp32 weights on the normal path (onnxslim and the passes hold copies); towers over
+    clipexport's large-tower size go to external data (one tower at a time for built-in CLIPs,
+    about 1.3x the larger tower; the whole model plus the export otherwise, about 2.5x)."""
     import open_clip
 
+    from clipexport.build import LARGE_TOWER_BYTES
+    from clipexport.models.per_tower import supports_per_tower
+
+    weights = {k: 4 * v / 1e9 for k, v in sizes.items()}
+    if max(weights["image"], weights["text"]) * 1e9 <= LARGE_TOWER_BYTES:
+        return 1.5 + 6 * weights["total"]
+    if supports_per_tower(open_clip.get_model_config(name)):
+        return 1.5 + 1.3 * max(weights["image"], weights["text"])
+    return 1.5 + 2.5 * weights["total"]
+
+
+def survey(names: list[str], sizes: dict[str, dict[str, float]], max_params: float, timeout: int,
+           done: dict[str, dict] | None = None, deadline: float = float("inf"), jobs: int = 1,
+           memory_gb: float = 20.0, on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """One row per name, in the order given; rows in `done` (an earlier run's) are kept, and names
+    reached after `deadline` (time.monotonic) are listed as not run yet.
+
+    Up to `jobs` builds run at once (a build is mostly one Python thread: tracing and the passes),
+    and a build starts only while the predicted peaks of those running fit in `memory_gb`; a build
+    predicted over it runs alone. `on_row` gets every row so far each time one is decided, so an
+    interrupted survey keeps what it measured."""
+    import open_clip
+
+    from clipexport.models.architecture import families_of
+    from clipexport.recipes import load_recipes, unsupported_reason
+
     recipes = list(load_recipes().values())
-    rows = []
-    for index, name in enumerate(names, 1):
+    rows: list[dict] = [{"model": n, "status": "not run", "params": sizes[n]["total"],
+                         "reason": "not reached within --budget-minutes; continue with --resume"} for n in names]
+    lock = threading.Condition()
+    running: dict[str, float] = {}  # name -> predicted peak GB
+
+    def decided(index: int, row: dict) -> None:
+        with lock:
+            rows[index] = row
+            running.pop(row["model"], None)
+            lock.notify_all()
+            print(f"[{index + 1}/{len(names)}] {row['model']}: {row['status']} {row.get('reason', '')}", flush=True)
+            if on_row is not None:
+                on_row(list(rows))
+
+    threads = []
+    for index, name in enumerate(names):
         families = families_of(open_clip.get_model_config(name))
-        row: dict = {"model": name, "family": families.describe()}
+        row: dict = {"model": name, "family": families.describe(), "params": sizes[name]["total"]}
         recipe = next((r for r in recipes if r.covers(families)), None)
-        estimate = estimate_params(open_clip.get_model_config(name))
         if done and name in done and done[name]["status"] in ("passed", "failed"):  # the rest: decided anew
-            row = done[name]
-        elif recipe is None:
+            decided(index, done[name])
+            continue
+        if recipe is None:
             row.update(status="unsupported", reason=unsupported_reason(families))
-        elif estimate > max_params:
-            row.update(status="skipped", params=estimate, reason=f"about {estimate / 1e6:.0f} M parameters, "
+            decided(index, row)
+            continue
+        if sizes[name]["total"] > max_params:
+            row.update(status="skipped", reason=f"{sizes[name]['total'] / 1e6:.0f} M parameters, "
                        f"over --max-params {max_params:.0e}")
-        elif time.monotonic() > deadline:
-            row.update(status="not run", params=estimate, reason="not reached within --budget-minutes; "
-                       "continue with --resume")
-        else:
+            decided(index, row)
+            continue
+        peak = predicted_peak_gb(name, sizes[name])
+        with lock:  # wait for a slot and for memory (alone when the prediction alone is over budget)
+            lock.wait_for(lambda peak=peak: not running or (len(running) < jobs and sum(running.values()) + peak <= memory_gb))
+        if time.monotonic() > deadline:
+            row.update(status="not run", reason="not reached within --budget-minutes; continue with --resume")
+            decided(index, row)
+            continue
+        with lock:
+            running[name] = peak
+        print(f"start {name} ({sizes[name]['total'] / 1e6:.0f} M parameters, predicted peak {peak:.1f} GB, "
+              f"{len(running)} running)", flush=True)
+
+        def work(index: int = index, row: dict = row, name: str = name) -> None:
             row.update(_run_child(name, timeout))
-        rows.append(row)
-        print(f"[{index}/{len(names)}] {name}: {row['status']} {row.get('reason', '')}", flush=True)
+            decided(index, row)
+
+        thread = threading.Thread(target=work, name=name)
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join()
     return rows
 
 
 def _run_child(name: str, timeout: int) -> dict:
     """Build one model in a child process; its own peak RSS comes from wait4's rusage."""
-    import threading
-
     with tempfile.TemporaryDirectory(prefix="coverage-") as tmp:
         out_path, err_path = Path(tmp) / "stdout", Path(tmp) / "stderr"
         start = time.perf_counter()
@@ -117,7 +208,7 @@ def _run_child(name: str, timeout: int) -> dict:
                 "peak_rss_gb": rss}
 
 
-def render(rows: list[dict]) -> str:
+def render(rows: list[dict], jobs: int = 1) -> str:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -128,7 +219,10 @@ def render(rows: list[dict]) -> str:
         "weights, fp32, both towers, ONNX Runtime CPU parity against PyTorch. Written by",
         "`python benchmarks/coverage.py`. Peak RSS is that model's own build process (wait4). Models are",
         "tried smallest first; those a run's `--budget-minutes` did not reach are listed as `not run`",
-        "(`--resume` continues where it stopped, keeping the rows already measured).",
+        "(`--resume` continues where it stopped, keeping the rows already measured). Parameters are",
+        "counted exactly on PyTorch's meta device. Times are wall clock"
+        + (f", with up to {jobs} builds at once (as many as fit the memory budget), so a row's time"
+           " includes sharing the 2 cores" if jobs > 1 else "") + ".",
         "",
         "Counts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
         "",
@@ -139,7 +233,7 @@ def render(rows: list[dict]) -> str:
         params = f"{r['params'] / 1e6:.0f} M" if r.get("params") else "-"
         cos = f"{r['cosine_min']:.7f}" if "cosine_min" in r else "-"
         err = f"{r['max_abs_err']:.2e}" if "max_abs_err" in r else "-"
-        lines.append(f"| {r['model']} | {r['family']} | {params} | {r['status']} | {cos} | {err} | "
+        lines.append(f"| {r['model']} | {r.get('family', '-')} | {params} | {r['status']} | {cos} | {err} | "
                      f"{r.get('seconds', '-')} | {r.get('peak_rss_gb', '-')} | {r.get('reason', '')} |")
     return "\n".join(lines) + "\n"
 
@@ -155,16 +249,27 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="keep the rows of the last run's coverage.json")
     parser.add_argument("--budget-minutes", type=float, default=float("inf"),
                         help="start no new model after this long; the rest are listed as not run")
+    parser.add_argument("--jobs", type=int, default=1, help="builds at once (each is mostly one thread)")
+    parser.add_argument("--memory-gb", type=float, default=20.0,
+                        help="start a build only while the predicted peaks of those running fit in this")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     names = [n for n in open_clip.list_models() if not args.only or re.search(args.only, n)]
     previous = args.out.with_suffix(".json")
     done = {r["model"]: r for r in json.loads(previous.read_text())} if args.resume and previous.is_file() else {}
-    # smallest first: within a budget, the most models get tried
-    names.sort(key=lambda n: estimate_params(open_clip.get_model_config(n)))
-    rows = survey(names, args.max_params, args.timeout, done, time.monotonic() + 60 * args.budget_minutes)
-    args.out.write_text(render(rows))
-    (args.out.with_suffix(".json")).write_text(json.dumps(rows, indent=1) + "\n")
+    sizes = {n: tower_sizes(n) for n in names}
+    names.sort(key=lambda n: sizes[n]["total"])  # smallest first: within a budget, the most models get tried
+
+    def write(rows: list[dict]) -> None:  # after every decided row: an interrupted survey keeps its rows
+        for path, text in ((args.out, render(rows, args.jobs)),
+                           (args.out.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")):
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text(text)
+            partial.replace(path)
+
+    rows = survey(names, sizes, args.max_params, args.timeout, done, time.monotonic() + 60 * args.budget_minutes,
+                  jobs=args.jobs, memory_gb=args.memory_gb, on_row=write)
+    write(rows)
     print(f"wrote {args.out}")
 
 
