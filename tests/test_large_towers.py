@@ -170,3 +170,29 @@ def test_non_builtin_class_loads_whole_but_still_exports_external_data(twin, tmp
     assert manifest["loading"] == "whole"
     assert manifest["towers"]["image"]["external_data"] == ["image.onnx.data"]
     assert result.parity["image"].max_rel_err < 1e-4
+
+
+def test_text_transformer_fed_by_a_hugging_face_tokenizer_also_loads_tower_by_tower(tmp_path):
+    """ViT-H/bigG-14-worldwide and the CLIPA ViTs are the built-in CLIP class too: their text tower
+    (XLM-V's 901629-row embedding at size) takes the per-tower path like the image tower."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from twins import write_hf_tokenizer_text_twin
+
+    model = write_hf_tokenizer_text_twin("worldwide", tmp_path / "worldwide")
+    ref = load_reference(model, "none", seed=0, per_tower=True)
+    assert all(p.device.type == "meta" for p in ref.model.token_embedding.parameters())
+    ref.materialize("text")
+    assert ref.model.token_embedding.weight.shape == (1024, 32) and ref.model.text_eos_id == 2
+    ref.release("text")
+    assert ref.model.token_embedding.weight.device.type == "meta"
+
+    out = tmp_path / "art"
+    result = build(BuildOptions(model=model, pretrained="none", out=out, large_tower_bytes=0))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["loading"] == "per-tower"
+    for tower in ("image", "text"):
+        assert manifest["towers"][tower]["external_data"] == [f"{tower}.onnx.data"]
+        assert result.parity[tower].cosine_min >= 0.99999 and result.parity[tower].max_rel_err < 1e-4

@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from clipexport.errors import WeightsError
-from clipexport.models.architecture import MODIFIED_RESNET, TEXT_TRANSFORMER, VISION_TRANSFORMER, families_of
+from clipexport.models.architecture import (
+    MODIFIED_RESNET,
+    TEXT_TRANSFORMER,
+    TEXT_TRANSFORMER_HF_TOKENIZER,
+    VISION_TRANSFORMER,
+    families_of,
+)
 
 # Built-in CLIP's text tower: these attributes of the CLIP object (the `attn_mask` buffer is set apart).
 TEXT_ATTRIBUTES = ("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection")
@@ -41,7 +47,8 @@ def supports_per_tower(cfg: dict[str, Any]) -> bool:
         not cfg.get("custom_text", False)
         and not families.multimodal
         and families.image in (VISION_TRANSFORMER, MODIFIED_RESNET)
-        and families.text == TEXT_TRANSFORMER
+        # CLIPA and worldwide: the same text tower, fed by a Hugging Face tokenizer
+        and families.text in (TEXT_TRANSFORMER, TEXT_TRANSFORMER_HF_TOKENIZER)
     )
 
 
