@@ -7,6 +7,7 @@ peak RSS, or the exact reason it is unsupported.
 
     python benchmarks/coverage.py                      # every config (hours on 2 cores)
     python benchmarks/coverage.py --only 'RN|ViT-B'    # a regex of model names
+    python benchmarks/coverage.py --resume --only coca # retry some; every other row stays as it was
     python benchmarks/coverage.py --max-params 500e6   # skip larger configs (listed as skipped)
     python benchmarks/coverage.py --resume --budget-minutes 60   # continue a survey, an hour at a time
     python benchmarks/coverage.py --resume --jobs 2 --memory-gb 20   # two builds at once while they fit
@@ -112,14 +113,16 @@ def predicted_peak_gb(name: str, sizes: dict[str, float]) -> float:
 
 def survey(names: list[str], sizes: dict[str, dict[str, float]], max_params: float, timeout: int,
            done: dict[str, dict] | None = None, deadline: float = float("inf"), jobs: int = 1,
-           memory_gb: float = 20.0, on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
+           memory_gb: float = 20.0, on_row: Callable[[list[dict]], None] | None = None,
+           selected: set[str] | None = None) -> list[dict]:
     """One row per name, in the order given; rows in `done` (an earlier run's) are kept, and names
     reached after `deadline` (time.monotonic) are listed as not run yet.
 
     Up to `jobs` builds run at once (a build is mostly one Python thread: tracing and the passes),
     and a build starts only while the predicted peaks of those running fit in `memory_gb`; a build
     predicted over it runs alone. `on_row` gets every row so far each time one is decided, so an
-    interrupted survey keeps what it measured."""
+    interrupted survey keeps what it measured. Names outside `selected` (--only) keep their earlier
+    row whatever it says."""
     import open_clip
 
     from clipexport.models.architecture import families_of
@@ -145,6 +148,10 @@ def survey(names: list[str], sizes: dict[str, dict[str, float]], max_params: flo
         families = families_of(open_clip.get_model_config(name))
         row: dict = {"model": name, "family": families.describe(), "params": sizes[name]["total"]}
         recipe = next((r for r in recipes if r.covers(families)), None)
+        if selected is not None and name not in selected:
+            decided(index, done[name] if done and name in done else {**row, "status": "not run",
+                                                                    "reason": "not selected by --only"})
+            continue
         if done and name in done and done[name]["status"] in ("passed", "failed"):  # the rest: decided anew
             decided(index, done[name])
             continue
@@ -254,9 +261,13 @@ def main() -> None:
                         help="start a build only while the predicted peaks of those running fit in this")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    names = [n for n in open_clip.list_models() if not args.only or re.search(args.only, n)]
+    names = open_clip.list_models()
     previous = args.out.with_suffix(".json")
     done = {r["model"]: r for r in json.loads(previous.read_text())} if args.resume and previous.is_file() else {}
+    # --only tries the names it matches; with --resume the other rows stay as they were
+    selected = {n for n in names if re.search(args.only, n)} if args.only else None
+    if selected is not None and not args.resume:
+        names = sorted(selected)
     sizes = {n: tower_sizes(n) for n in names}
     names.sort(key=lambda n: sizes[n]["total"])  # smallest first: within a budget, the most models get tried
 
@@ -268,7 +279,7 @@ def main() -> None:
             partial.replace(path)
 
     rows = survey(names, sizes, args.max_params, args.timeout, done, time.monotonic() + 60 * args.budget_minutes,
-                  jobs=args.jobs, memory_gb=args.memory_gb, on_row=write)
+                  jobs=args.jobs, memory_gb=args.memory_gb, on_row=write, selected=selected)
     write(rows)
     print(f"wrote {args.out}")
 

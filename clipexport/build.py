@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from clipexport import __version__
+from clipexport import __version__, memory
 from clipexport.artifacts import (
     FORMAT_VERSION,
     StagingDir,
@@ -79,6 +79,7 @@ class BuildOptions:
     builder_optimization_level: int | None = None  # TensorRT builder optimization level 0..5
     timing_cache: Path | None = None  # None: the per-TensorRT/GPU cache under ~/.cache/clipexport
     large_tower_bytes: int = LARGE_TOWER_BYTES  # 0: every tower takes the large-tower path (--external-data)
+    memory_check: bool = True  # refuse up front a build that cannot fit in the available memory
 
 
 @dataclass
@@ -129,19 +130,38 @@ def plan_build(options: BuildOptions) -> _Plan:
     weights = parse_pretrained(options.pretrained or default_pretrained(name), options.seed, known_tags(name), name)
     out = options.out or default_out_dir(name, weights.label, options.precision)
     check_out_dir(out, options.force)
-    per_tower = _large_towers(name, cfg, towers, options)
+    parameters = _parameters(name, cfg)
+    per_tower = _large_towers(name, cfg, towers, options, parameters)
+    if parameters is not None and options.memory_check:
+        need = memory.least_memory(parameters, towers, options.large_tower_bytes, per_tower)
+        memory.check_fits(name, need, memory.available_bytes())
     return _Plan(name=name, recipe=recipe, towers=towers, batch=options.batch or recipe.batch, out=out,
                  engines=engines, per_tower=per_tower)
 
 
-def _large_towers(name: str, cfg: dict[str, Any], towers: Sequence[str], options: BuildOptions) -> bool:
-    """Whether a built-in CLIP has a tower over the large-tower size (counted on the meta device,
-    nothing allocated); such builds are fp32 only, which is checked here, before any work."""
+def _parameters(name: str, cfg: dict[str, Any]) -> dict[str, int] | None:
+    """Parameters per tower of an open_clip model, counted on the meta device (nothing allocated);
+    None for a transformers CLIPModel, which is not counted ahead."""
     from clipexport.models import per_tower
 
-    if not per_tower.supports_per_tower(cfg):
+    if cfg.get("source") == "transformers":
+        return None
+    if per_tower.supports_per_tower(cfg):  # the count decides how it loads: it must succeed
+        return per_tower.count_parameters(name, cfg)
+    try:
+        return per_tower.count_parameters(name, cfg)
+    except Exception:  # noqa: BLE001 - only the memory check reads it; the build reports its own errors
+        return None
+
+
+def _large_towers(name: str, cfg: dict[str, Any], towers: Sequence[str], options: BuildOptions,
+                  sizes: dict[str, int] | None) -> bool:
+    """Whether a built-in CLIP has a tower over the large-tower size; such builds are fp32 only,
+    which is checked here, before any work."""
+    from clipexport.models import per_tower
+
+    if sizes is None or not per_tower.supports_per_tower(cfg):
         return False
-    sizes = per_tower.tower_parameters(per_tower.skeleton(name, quick_gelu=bool(cfg.get("quick_gelu", False))))
     large = [t for t in towers if 4 * sizes[t] > options.large_tower_bytes]
     if large and options.precision != "fp32":
         raise UsageError(

@@ -86,12 +86,15 @@ def cli() -> None:
 @click.option("--external-data", is_flag=True,
               help="Write every tower's weights to ONNX external data (<tower>.onnx.data), as towers over "
                    "1.5 GB always are; a built-in CLIP is then also loaded one tower at a time (fp32 only).")
+@click.option("--no-memory-check", is_flag=True,
+              help="Try the build even when the least memory it needs (counted from the model's size before "
+                   "anything loads) exceeds what this machine has available.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the output directory.")
 def build(model: str, pretrained: str | None, towers: str, precision: str, batch: str | None, out: Path | None,
           force: bool, seed: int, no_simplify: bool, no_fuse_attention: bool, calibration_images: Path | None,
           calibration_prompts: Path | None, accept_parity_failure: bool, backend: str, no_rebuild: bool,
           builder_memory_limit: int | None, builder_optimization_level: int | None, timing_cache: Path | None,
-          external_data: bool, quiet: bool) -> None:
+          external_data: bool, no_memory_check: bool, quiet: bool) -> None:
     """Build and verify ONNX towers of MODEL (see `clipexport list`)."""
     from clipexport.build import BuildOptions
     from clipexport.build import build as run_build
@@ -119,6 +122,7 @@ def build(model: str, pretrained: str | None, towers: str, precision: str, batch
             builder_optimization_level=builder_optimization_level,
             timing_cache=timing_cache,
             **({"large_tower_bytes": 0} if external_data else {}),
+            memory_check=not no_memory_check,
         )
         result = run_build(options, Progress(quiet=quiet))
     except ClipExportError as exc:

@@ -115,6 +115,9 @@ class Recipe:
     tolerances: Mapping[str, Tolerance]
     precision: PrecisionSpec
     quantize: QuantizeSpec
+    # Whether the model may (True) or may not (False) also have CoCa's multimodal caption decoder,
+    # which is never exported: (False,) for plain CLIPs; (True,) for recipes/coca.toml.
+    multimodal: tuple[bool, ...] = (False,)
 
     @property
     def image_family(self) -> str:
@@ -123,7 +126,7 @@ class Recipe:
 
     def covers(self, families: Families) -> bool:
         return (
-            not families.multimodal
+            families.multimodal in self.multimodal
             and families.image in self.image_families
             and families.text == self.text_family
         )
@@ -299,6 +302,7 @@ def load_recipe(path: Path) -> Recipe:
         tolerances=tolerances,
         precision=precision_spec,
         quantize=quantize_spec,
+        multimodal=_multimodal(match),
     )
     match.done()
     top.done()
@@ -314,6 +318,17 @@ def _image_families(match: _Table) -> tuple[str, ...]:
     if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
         raise match._err("match.image must be a family name or a non-empty list of distinct family names")
     return tuple(names)
+
+
+def _multimodal(match: _Table) -> tuple[bool, ...]:
+    """`match.multimodal`: true, false, or [false, true] (both); absent: false."""
+    if "multimodal" not in match.data:
+        return (False,)
+    value = match.get("multimodal", (bool, list))
+    values = [value] if isinstance(value, bool) else value
+    if not values or not all(isinstance(v, bool) for v in values) or len(set(values)) != len(values):
+        raise match._err("match.multimodal must be true, false or [false, true]")
+    return tuple(values)
 
 
 def recipes_dir() -> Path:
@@ -333,7 +348,8 @@ def load_recipes(directory: Path | None = None) -> dict[str, Recipe]:
     for path in sorted(directory.glob("*.toml")):
         recipe = load_recipe(path)
         for other in recipes.values():
-            if other.text_family == recipe.text_family and set(other.image_families) & set(recipe.image_families):
+            if (other.text_family == recipe.text_family and set(other.multimodal) & set(recipe.multimodal)
+                    and set(other.image_families) & set(recipe.image_families)):
                 raise RecipeError(f"{path}: recipes {other.name!r} and {recipe.name!r} match the same families")
         recipes[recipe.name] = recipe
     if not recipes:
@@ -357,7 +373,8 @@ def recipe_for(families: Families, model: str, directory: Path | None = None) ->
 def unsupported_reason(families: Families) -> str:
     """One line saying why no recipe covers these families."""
     if families.multimodal:
-        return "CoCa models add a multimodal text decoder; no recipe exports them yet"
+        return (f"CoCa with a {families.image} image tower and a {families.text} text tower: no recipe covers "
+                "this pair yet (recipes coca and hf_text cover CoCa on the open_clip ViT)")
     parts = []
     if families.text == HF_TEXT:
         parts.append("its text tower is a Hugging Face transformer")

@@ -136,9 +136,19 @@ def test_unknown_model_suggests_close_matches(tmp_path):
 
 
 def test_unsupported_model_says_why_in_one_line(tmp_path):
-    out = _bad(tmp_path, "coca_ViT-B-32", "--pretrained", "none")
+    """Every open_clip config has a recipe now; a local-dir CoCa on a ModifiedResNet has none."""
+    import json
+
+    from twins import TWINS
+
+    directory = tmp_path / "coca-resnet"
+    directory.mkdir()
+    cfg = {**TWINS["coca"], "vision_cfg": {**TWINS["modified_resnet"]["vision_cfg"], "output_tokens": True}}
+    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    out = _bad(tmp_path, f"local-dir:{directory}", "--pretrained", "none")
     last = out.strip().splitlines()[-1]
-    assert "unsupported" in last and "CoCa" in last
+    assert "unsupported" in last and "CoCa with a modified-resnet image tower" in last
+    assert "Traceback" not in out
 
 
 def test_missing_checkpoint(twin, tmp_path):
@@ -243,8 +253,9 @@ def test_list_shows_recipes_and_models():
     assert "vit:" in result.output and "RN50x64" in result.output and "ViT-L-14-336" in result.output
     everything = run("list", "--all").output
     assert "ViT-B-16-SigLIP" in everything and "mt5-base-ViT-B-32" in everything  # covered now
-    unsupported = everything.split("unsupported", 1)[-1] if "unsupported" in everything else everything
-    assert "coca_ViT-B-32: " in unsupported and "CoCa" in unsupported
+    # every open_clip config has a recipe: CoCa's contrastive towers too
+    assert "coca_ViT-B-32" in everything and "coca_roberta-ViT-B-32" in everything
+    assert "unsupported: 0 models" in everything
 
 
 def test_help_teaches():

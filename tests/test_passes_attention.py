@@ -28,6 +28,9 @@ EXPECTED = {
     # a ViT image tower and a 2-layer XLM-R whose attention transformers runs through SDPA
     ("hf_text", "image"): TWINS["hf_text"]["vision_cfg"]["layers"],
     ("hf_text", "text"): TINY_XLMR["num_hidden_layers"],
+    # CoCa: ViT blocks plus the attentional pooler (one cross-attention), and the text blocks
+    ("coca", "image"): TWINS["coca"]["vision_cfg"]["layers"] + 1,
+    ("coca", "text"): TWINS["coca"]["text_cfg"]["layers"],
 }
 
 

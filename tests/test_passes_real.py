@@ -53,8 +53,9 @@ def test_real_model_every_precision(tmp_path, model, precision):
 
 # The other families at real size, in the precisions that change their graphs most. The timm
 # recipe exports attention unfused (ConvNeXt's image tower has none; its text tower's 12 blocks
-# stay MatMul/Softmax); hf_text fuses the ViT's and the XLM-R encoder's blocks.
-MORE_FAMILIES = {"convnext_base": (0, 12), "xlm-roberta-base-ViT-B-32": (12, 12)}
+# stay MatMul/Softmax); hf_text fuses the ViT's and the XLM-R encoder's blocks; CoCa's image
+# tower adds its attentional pooler to the 12 ViT blocks.
+MORE_FAMILIES = {"convnext_base": (0, 12), "xlm-roberta-base-ViT-B-32": (12, 12), "coca_ViT-B-32": (13, 12)}
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])

@@ -38,7 +38,7 @@ def test_recipes_load_with_fp32_tolerance_of_the_issue():
         assert recipe.opset >= 23 and recipe.attention == ("none" if recipe.name in ("timm", "hf_clip", "hf_tokenizer_text") else "onnx")
         # Trimming needs the causal CLIP text tower with argmax pooling, or a Hugging Face encoder
         # with its padding mask; CLIPModel and the 'last'/'eos'-pooled towers keep a fixed context
-        fixed = ("hf_clip", "hf_tokenizer_text")
+        fixed = ("hf_clip", "hf_tokenizer_text", "coca")
         assert recipe.towers["text"].dynamic_sequence == (recipe.name not in fixed)
         assert not recipe.towers["image"].dynamic_sequence
         assert "LayerNormalization" in recipe.precision.keep_fp32_ops and "Softmax" in recipe.precision.keep_fp32_ops
@@ -79,6 +79,8 @@ def _write(tmp_path: Path, text: str, name: str = "vit") -> Path:
         (lambda t: t.replace("[towers.text]", "[towers.audio]"), "unknown tower 'towers.audio'"),
         (lambda t: t.replace('["batch", 3,', '[3, "batch",'), "must start with 'batch'"),
         (lambda t: t + "\n[", "cannot read recipe"),
+        (lambda t: t.replace('text = "text-transformer"', 'text = "text-transformer"\nmultimodal = [true, true]'),
+         "match.multimodal must be"),
     ],
 )
 def test_malformed_recipe_names_file_and_key(tmp_path, edit, message):
@@ -96,6 +98,19 @@ def test_recipe_name_must_match_file(tmp_path):
 def test_two_recipes_for_the_same_family_is_an_error(tmp_path):
     _write(tmp_path, VALID)
     _write(tmp_path, VALID.replace('name = "vit"', 'name = "vit2"'), name="vit2")
+    with pytest.raises(RecipeError, match="match the same families"):
+        load_recipes(tmp_path)
+
+
+def test_a_coca_recipe_and_a_plain_one_for_the_same_towers_coexist(tmp_path):
+    _write(tmp_path, VALID)
+    coca = VALID.replace('name = "vit"', 'name = "coca"').replace('text = "text-transformer"',
+                                                                  'text = "text-transformer"\nmultimodal = true')
+    _write(tmp_path, coca, name="coca")
+    assert recipe_for(Families("vision-transformer", "text-transformer", True), "m", tmp_path).name == "coca"
+    assert recipe_for(Families("vision-transformer", "text-transformer", False), "m", tmp_path).name == "vit"
+    _write(tmp_path, coca.replace("multimodal = true", "multimodal = [false, true]"), name="coca")
+    load_recipes.cache_clear()
     with pytest.raises(RecipeError, match="match the same families"):
         load_recipes(tmp_path)
 
@@ -127,16 +142,23 @@ def test_builtin_models_map_to_their_recipe(model, family):
 
 
 @pytest.mark.parametrize(
-    "model, reason",
+    "families, reason",
     [
-        ("coca_ViT-B-32", "CoCa"),
+        (Families("modified-resnet", "text-transformer", True), "CoCa with a modified-resnet image tower"),
+        (Families("timm", "text-transformer", True), "CoCa with a timm image tower"),
     ],
 )
-def test_unsupported_models_say_why(model, reason):
+def test_unsupported_models_say_why(families, reason):
+    with pytest.raises(UnsupportedModelError, match=reason):
+        recipe_for(families, "twin")
+
+
+@pytest.mark.parametrize("model, recipe", [("coca_ViT-B-32", "coca"), ("coca_ViT-L-14", "coca"),
+                                           ("coca_base", "coca"), ("coca_roberta-ViT-B-32", "hf_text")])
+def test_coca_models_map_to_their_recipe(model, recipe):
     import open_clip
 
-    with pytest.raises(UnsupportedModelError, match=reason):
-        recipe_for(families_of(open_clip.get_model_config(model)), model)
+    assert recipe_for(families_of(open_clip.get_model_config(model)), model).name == recipe
 
 
 def test_listing_counts_both_families():
@@ -148,8 +170,8 @@ def test_listing_counts_both_families():
     assert counts["timm"] >= 40 and "convnext_base" in dict((r.name, m) for r, m in covered)["timm"]
     assert counts["vit"] >= 30 and "ViT-L-14-336" in dict((r.name, m) for r, m in covered)["vit"]
     assert counts["hf_tokenizer_text"] >= 35 and "ViT-L-14-CLIPA" in dict((r.name, m) for r, m in covered)["hf_tokenizer_text"]
-    # only CoCa is left: each with a one-line reason
-    assert unsupported and all(name.startswith("coca_") and "CoCa" in reason for name, reason in unsupported)
+    # every open_clip config has a recipe (CoCa: its contrastive towers)
+    assert unsupported == [] and counts["coca"] == 3
     assert Families("timm", "text-transformer", False).describe().startswith("image=timm")
 
 

@@ -35,6 +35,18 @@ TWINS: dict[str, dict[str, Any]] = {
     # built by write_tiny_hf_clip (a transformers CLIPConfig), described here by its sizes
     "hf_clip": {"source": "transformers", "embed_dim": 24, "vision_cfg": {"image_size": 32, "patch_size": 8},
                 "text_cfg": {"context_length": 77, "vocab_size": 49408}},
+    # coca_ViT-B-32 in small: attentional pooler on the image tower, CLS token after the text,
+    # and a caption decoder (not exported); context 76 as CoCa's
+    # (width 96: the int8 twin-level parity of the pooler needs more than 48)
+    "coca": {
+        "embed_dim": 48,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 96, "head_width": 32, "patch_size": 8,
+                       "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
+        "text_cfg": {**_TINY_TEXT, "context_length": 76, "embed_cls": True, "output_tokens": True},
+        "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
+                           "attn_pooler_heads": 2},
+        "custom_text": True,
+    },
     "modified_resnet": {
         "embed_dim": 24,
         # width 8 -> stage widths 8..256, attention pool over a 2x2 grid with 4 heads

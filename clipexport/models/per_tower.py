@@ -14,8 +14,8 @@ own. That is deterministic (verify rebuilds the same tensors) but not the same v
 `open_clip.create_model(name, pretrained=None)` under that seed, which draws the text
 weights after the image weights from one stream; with random weights only parity matters.
 
-Only the built-in CLIP class (ViT or ModifiedResNet image tower, built-in causal text
-transformer) loads this way; other classes load whole.
+Only the built-in CLIP class (ViT or ModifiedResNet image tower, open_clip's own text
+transformer, fed by its tokenizer or by a Hugging Face one) loads this way; other classes load whole.
 """
 
 from __future__ import annotations
@@ -61,10 +61,11 @@ class TowerSource:
     checkpoint: Path | None  # None: random weights under `seed`
 
 
-def skeleton(name: str, quick_gelu: bool) -> Any:
-    """open_clip's CLIP for `name` on the meta device: every module, no tensor storage.
+def skeleton(name: str, quick_gelu: bool, **overrides: Any) -> Any:
+    """open_clip's model for `name` on the meta device: every module, no tensor storage.
 
     create_model still runs (preprocessing config, QuickGELU choice); nothing is allocated.
+    `overrides` go to create_model (e.g. an offline text_cfg).
     """
     import open_clip
     import torch
@@ -74,8 +75,29 @@ def skeleton(name: str, quick_gelu: bool) -> Any:
     with torch.device("meta"), _quiet_open_clip(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         model = open_clip.create_model(name, pretrained=None, load_weights=False, device="meta",
-                                       force_quick_gelu=quick_gelu)
+                                       force_quick_gelu=quick_gelu, **overrides)
     return model
+
+
+def count_parameters(name: str, cfg: dict[str, Any]) -> dict[str, int]:
+    """Parameters of any open_clip model's towers, counted on the meta device (nothing allocated):
+    image = the visual module, text = the rest (the logit scale/bias scalars included)."""
+    import shutil
+
+    from clipexport.models.architecture import HF_TEXT
+    from clipexport.models.hf_text import offline_text_cfg, scratch_dir
+
+    quick_gelu = bool(cfg.get("quick_gelu", False))
+    overrides: dict[str, Any] = {}
+    scratch = scratch_dir()
+    try:
+        if families_of(cfg).text == HF_TEXT:  # open_clip would ask the hub for the text model's config
+            overrides.update(text_cfg=offline_text_cfg(cfg["text_cfg"], scratch)[0], pretrained_text=False)
+        model = skeleton(name, quick_gelu, **overrides)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    image = sum(p.numel() for p in model.visual.parameters())
+    return {"image": image, "text": sum(p.numel() for p in model.parameters()) - image}
 
 
 def tower_parameters(model: Any) -> dict[str, int]:

@@ -30,7 +30,13 @@ class ImageTower(nn.Module):
         self.eval().requires_grad_(False)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.visual(pixel_values)
+        return _pooled(self.visual(pixel_values))
+
+
+def _pooled(output: Any) -> torch.Tensor:
+    """The embedding of a tower's output: CoCa's towers (output_tokens) also return their token
+    embeddings, for the caption decoder, which CoCa.encode_image/encode_text drop as well."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 # Attributes CLIP.encode_text reads. The built-in text tower is not one submodule: its
@@ -160,7 +166,7 @@ class CustomTextTower(nn.Module):
         self.eval().requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text(input_ids)
+        return _pooled(self.text(input_ids))
 
 
 def image_tower(clip: nn.Module) -> nn.Module:

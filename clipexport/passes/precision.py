@@ -6,6 +6,9 @@ Every node gets a compute type:
         projection(s) feeding each output, and, for fp16, every node whose fp32 calibration
         run saw a value beyond the fp16 headroom (what overflows to inf in a naive conversion)
   follow  layout ops (Reshape, Transpose, Gather, Slice ...) keep their data input's type
+  fp32  too: batch-broadcast constants, tensors that depend on the input's shape but not on its
+        values (a class token or CoCa's learned queries expanded to the batch); ONNX Runtime 1.32's
+        CPU optimizer crashes on CoCa's pooler when that branch is fp16, and it is tiny anyway
 Casts are inserted only where a tensor crosses between the two. Graph inputs and outputs
 keep their fp32 type (token ids stay integers: no integer tensor is ever touched).
 
@@ -102,6 +105,22 @@ def _constants_to_initializers(model: onnx.ModelProto) -> None:
     model.graph.node.extend(kept)
 
 
+def batch_broadcast(model: onnx.ModelProto) -> set[str]:
+    """Tensors computed from constants and the graph inputs' shapes only, never their values:
+    `Expand(learned_query, [batch, ...])` and what is computed from it alone."""
+    dependent = {value.name for value in model.graph.input}  # depends on input values
+    shaped: set[str] = set()
+    for node in model.graph.node:
+        inputs = [name for name in node.input if name]
+        if node.op_type in AGNOSTIC_OPS:
+            shaped.update(node.output)
+        elif any(name in dependent for name in inputs):
+            dependent.update(node.output)
+        elif any(name in shaped for name in inputs):
+            shaped.update(node.output)
+    return shaped
+
+
 def _final_projections(model: onnx.ModelProto, types: Mapping[str, int]) -> set[int]:
     """Indices of the MatMul/Gemm nodes that feed a graph output through layout ops only."""
     producer = {out: i for i, n in enumerate(model.graph.node) for out in n.output}
@@ -146,6 +165,7 @@ def convert_precision(
     inits = {i.name: i for i in graph.initializer}
     keep_ops = set(policy.keep_fp32_ops)
     final = _final_projections(out, types) if policy.keep_final_projection else set()
+    broadcast = batch_broadcast(out)
     limit = FP16_MAX / policy.fp16_headroom
 
     def over_range(name: str) -> bool:
@@ -211,8 +231,11 @@ def convert_precision(
         if node.op_type in AGNOSTIC_OPS:
             new_nodes.append(node)
             continue
-        if node.op_type in FOLLOW_OPS:
-            data = [node.input[i] for i in float_in]
+        if any(node.output[i] in broadcast for i in float_out):
+            want = FLOAT
+        elif node.op_type in FOLLOW_OPS:
+            # follow the data that depends on the input (a Concat of an fp32 class token and low patches: low)
+            data = [node.input[i] for i in float_in if node.input[i] not in broadcast]
             want = type_of(data[0]) if data and not (data[0] in inits and data[0] not in current) else low
             if any(over_range(n) for n in list(node.input) + list(node.output) if n):
                 want = FLOAT

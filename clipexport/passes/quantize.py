@@ -112,9 +112,11 @@ def quantize_graph(
     for node in graph.node:
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
-    from clipexport.passes.precision import _final_projections, _types
+    from clipexport.passes.precision import _final_projections, _types, batch_broadcast
 
     final = _final_projections(out, _types(out)) if policy.keep_final_projection else set()
+    # computed the same for every input (CoCa's learned queries): quantizing adds error, saves nothing
+    broadcast = batch_broadcast(out)
     new_nodes: list[onnx.NodeProto] = []
     act_dq: dict[str, str] = {}
     weight_dq: dict[str, str] = {}
@@ -200,9 +202,11 @@ def quantize_graph(
             and inits[node.input[weight_pos]].data_type == FLOAT
             and node.input[0] not in inits
         )
-        if not is_target or index in final:
+        if not is_target or index in final or node.output[0] in broadcast:
             if node.op_type in policy.op_types:
-                why = "final projection" if index in final else "no weight (activation x activation)"
+                why = ("final projection" if index in final else
+                       "batch-broadcast constant" if node.output[0] in broadcast else
+                       "no weight (activation x activation)")
                 key = f"{node.op_type} ({why})"
                 report.skipped_ops[key] = report.skipped_ops.get(key, 0) + 1
             new_nodes.append(node)
@@ -224,10 +228,14 @@ def quantize_graph(
 
 def activation_inputs(model: onnx.ModelProto, policy: QuantPolicy) -> list[str]:
     """The activation tensors the pass will quantize (inputs 0 of weight-bearing target ops)."""
+    from clipexport.passes.precision import batch_broadcast
+
     inits = {i.name for i in model.graph.initializer}
+    broadcast = batch_broadcast(model)
     return list(dict.fromkeys(
         n.input[0] for n in model.graph.node
         if n.op_type in policy.op_types and len(n.input) > 1 and n.input[1] in inits and n.input[0] not in inits
+        and n.output[0] not in broadcast
     ))
 
 
