@@ -231,6 +231,7 @@ def convert_precision(
         if node.op_type in AGNOSTIC_OPS:
             new_nodes.append(node)
             continue
+        want: int
         if any(node.output[i] in broadcast for i in float_out):
             want = FLOAT
         elif node.op_type in FOLLOW_OPS:
