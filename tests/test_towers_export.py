@@ -53,7 +53,10 @@ def test_seeded_random_weights_are_reproducible(reference):
     again = load_reference(ref.name, "none", seed=3)
     other = load_reference(ref.name, "none", seed=4)
     a, b, c = (dict(m.model.state_dict()) for m in (ref, again, other))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    # open_clip leaves CoCa's caption decoder's text_projection as torch.empty (its init_parameters
+    # is never called): uninitialized memory, different run to run; the decoder is not exported
+    a = {k: v for k, v in a.items() if not k.startswith("text_decoder.")}
+    assert a and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
 
 
