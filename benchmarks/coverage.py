@@ -7,7 +7,7 @@ peak RSS, or the exact reason it is unsupported.
 
     python benchmarks/coverage.py                      # every config (hours on 2 cores)
     python benchmarks/coverage.py --only 'RN|ViT-B'    # a regex of model names
-    python benchmarks/coverage.py --resume --only coca # retry some; every other row stays as it was
+    python benchmarks/coverage.py --resume --only coca # try these again; every other row stays as it was
     python benchmarks/coverage.py --max-params 500e6   # skip larger configs (listed as skipped)
     python benchmarks/coverage.py --resume --budget-minutes 60   # continue a survey, an hour at a time
     python benchmarks/coverage.py --resume --jobs 2 --memory-gb 20   # two builds at once while they fit
@@ -152,7 +152,8 @@ def survey(names: list[str], sizes: dict[str, dict[str, float]], max_params: flo
             decided(index, done[name] if done and name in done else {**row, "status": "not run",
                                                                     "reason": "not selected by --only"})
             continue
-        if done and name in done and done[name]["status"] in ("passed", "failed"):  # the rest: decided anew
+        # an earlier run's measured rows are kept, unless --only names them to be tried again
+        if selected is None and done and name in done and done[name]["status"] in ("passed", "failed"):
             decided(index, done[name])
             continue
         if recipe is None:

@@ -45,8 +45,8 @@ def least_memory(parameters: dict[str, int], towers: tuple[str, ...], large_towe
     large = [w for w in weights.values() if w > large_tower_bytes]
     if large:
         need = total + max(large)
-        return MemoryNeed(need, f"the model loads whole ({total / gb:.1f} GB of fp32 weights, as this model class "
-                                f"is not built tower by tower) while ONNX Runtime loads a {max(large) / gb:.1f} GB tower")
+        return MemoryNeed(need, f"the model loads whole, {total / gb:.1f} GB of fp32 weights, while ONNX Runtime "
+                                f"loads a {max(large) / gb:.1f} GB tower; this model class is not built tower by tower")
     need = total + 2 * largest
     return MemoryNeed(need, f"{total / gb:.1f} GB of fp32 weights in PyTorch, and the largest tower "
                             f"({largest / gb:.1f} GB) once in its ONNX graph and once in ONNX Runtime")
