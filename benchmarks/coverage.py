@@ -62,35 +62,20 @@ def estimate_params(cfg: dict) -> float:
 
 
 def tower_sizes(name: str) -> dict[str, float]:
-    """Exact parameters per tower, counted on PyTorch's meta device (nothing allocated, under a
-    second); Hugging Face text towers get clipexport's bundled offline config."""
-    import shutil
-    import warnings
-
+    """Exact parameters per tower (clipexport's own count on the meta device, the one `build` uses
+    for its memory check); the rough estimate where the meta device cannot build the config."""
     import open_clip
-    import torch
 
-    from clipexport.models.architecture import HF_TEXT, families_of
-    from clipexport.models.hf_text import offline_text_cfg, scratch_dir
-    from clipexport.models.open_clip_source import _quiet_open_clip
+    from clipexport.models.per_tower import count_parameters
 
     cfg = open_clip.get_model_config(name)
-    kwargs: dict = {}
-    scratch = scratch_dir()
     try:
-        if families_of(cfg).text == HF_TEXT:
-            kwargs.update(text_cfg=offline_text_cfg(cfg["text_cfg"], scratch)[0], pretrained_text=False)
-        with torch.device("meta"), _quiet_open_clip(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = open_clip.create_model(name, pretrained=None, load_weights=False, device="meta", **kwargs)
-        total = float(sum(p.numel() for p in model.parameters()))
-        image = float(sum(p.numel() for p in model.visual.parameters()))
-        return {"image": image, "text": total - image, "total": total}
-    except Exception:  # noqa: BLE001 - a config the meta device cannot build: the rough count, all in one tower
+        counts = count_parameters(name, cfg)
+    except Exception:  # noqa: BLE001 - a config the meta device cannot build: the rough count, one tower
         rough = estimate_params(cfg)
         return {"image": rough, "text": 0.0, "total": rough}
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    return {"image": float(counts["image"]), "text": float(counts["text"]),
+            "total": float(counts["image"] + counts["text"])}
 
 
 def predicted_peak_gb(name: str, sizes: dict[str, float]) -> float:
