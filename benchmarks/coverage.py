@@ -32,7 +32,7 @@ WORKER = r"""
 import json, sys, time
 from pathlib import Path
 from clipexport.build import BuildOptions, build
-from clipexport.errors import ClipExportError
+from clipexport.errors import ClipExportError, InsufficientMemoryError
 name, out = sys.argv[1], Path(sys.argv[2])
 result = {"model": name}
 try:
@@ -42,6 +42,8 @@ try:
                   max_abs_err=max(t["parity"]["max_abs_err"] for t in towers.values()),
                   params=sum(t["parameters"] for t in towers.values()),
                   stages={k: t["passes"] for k, t in towers.items()})
+except InsufficientMemoryError as exc:  # refused before loading: this machine is too small for it
+    result.update(status="too large here", reason=str(exc).splitlines()[0][:300])
 except ClipExportError as exc:
     result.update(status="failed", reason=str(exc).splitlines()[0][:300])
 print("RESULT " + json.dumps(result), flush=True)
@@ -138,7 +140,8 @@ def survey(names: list[str], sizes: dict[str, dict[str, float]], max_params: flo
                                                                     "reason": "not selected by --only"})
             continue
         # an earlier run's measured rows are kept, unless --only names them to be tried again
-        if selected is None and done and name in done and done[name]["status"] in ("passed", "failed"):
+        if selected is None and done and name in done and done[name]["status"] in ("passed", "failed",
+                                                                                  "too large here"):
             decided(index, done[name])
             continue
         if recipe is None:
@@ -213,7 +216,8 @@ def render(rows: list[dict], jobs: int = 1) -> str:
         "`python benchmarks/coverage.py`. Peak RSS is that model's own build process (wait4). Models are",
         "tried smallest first; those a run's `--budget-minutes` did not reach are listed as `not run`",
         "(`--resume` continues where it stopped, keeping the rows already measured). Parameters are",
-        "counted exactly on PyTorch's meta device. Times are wall clock"
+        "counted exactly on PyTorch's meta device; `too large here` is clipexport's own memory check",
+        "refusing, before loading anything, a build whose least memory exceeds this machine's. Times are wall clock"
         + (f", with up to {jobs} builds at once (as many as fit the memory budget), so a row's time"
            " includes sharing the 2 cores" if jobs > 1 else "") + ".",
         "",

@@ -15,6 +15,10 @@ class UsageError(ClipExportError):
     """Bad arguments: a batch range, an output directory that exists, an unknown option value."""
 
 
+class InsufficientMemoryError(UsageError):
+    """A build that cannot fit this machine's memory, refused before anything loads."""
+
+
 class RecipeError(ClipExportError):
     """A recipe file is malformed, or no recipe covers a model."""
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipexport.errors import UsageError
+from clipexport.errors import InsufficientMemoryError
 
 MEMINFO = Path("/proc/meminfo")
 
@@ -66,7 +66,7 @@ def check_fits(name: str, need: MemoryNeed, available: int | None) -> None:
     """Refuse, in one line, a build whose least memory exceeds what is available."""
     if available is None or need.least_bytes <= available:
         return
-    raise UsageError(
+    raise InsufficientMemoryError(
         f"{name}: this build needs at least {need.least_bytes / 1e9:.1f} GB of memory ({need.why}), and this "
         f"machine has {available / 1e9:.1f} GB available; build it on a machine with more memory, or pass "
         "--no-memory-check to try anyway.")

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from clipexport import memory
 from clipexport.build import LARGE_TOWER_BYTES, BuildOptions, plan_build
 from clipexport.cli import cli
-from clipexport.errors import UsageError
+from clipexport.errors import InsufficientMemoryError
 from clipexport.models.open_clip_source import canonical_name, load_reference, model_config
 from clipexport.models.per_tower import count_parameters
 
@@ -52,7 +52,7 @@ def test_available_memory_reads_meminfo_and_counts_free_swap(tmp_path):
 def test_plan_refuses_a_build_over_the_available_memory_on_a_simulated_small_machine(twin, tmp_path, monkeypatch):
     name = twin("vit")
     monkeypatch.setattr(memory, "available_bytes", lambda: 1000)  # a machine with 1 kB free
-    with pytest.raises(UsageError) as caught:
+    with pytest.raises(InsufficientMemoryError) as caught:
         plan_build(BuildOptions(model=name, pretrained="none", out=tmp_path / "out"))
     message = str(caught.value)
     assert "\n" not in message and "needs at least" in message and "--no-memory-check" in message
