@@ -56,6 +56,7 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 LARGE_TOWER_BYTES = 1_500_000_000
 # Precisions whose graphs need calibration inputs (fp16: range guard; int8/fp8: activation scales).
 CALIBRATED = ("fp16", "int8", "fp8")
+QUANTIZED = ("int8", "fp8")
 
 
 @dataclass
@@ -156,20 +157,20 @@ def _parameters(name: str, cfg: dict[str, Any]) -> dict[str, int] | None:
 
 def _large_towers(name: str, cfg: dict[str, Any], towers: Sequence[str], options: BuildOptions,
                   sizes: dict[str, int] | None) -> bool:
-    """Whether a built-in CLIP has a tower over the large-tower size; such builds are fp32 only,
-    which is checked here, before any work."""
+    """Whether a built-in CLIP has a tower over the large-tower size (it then loads one tower at a
+    time). A tower over that size goes to external data whatever the model class, where fp32,
+    fp16 and bf16 build but int8/fp8 do not: refused here, before any work."""
     from clipexport.models import per_tower
+    from clipexport.passes import EXTERNAL_UNSUPPORTED
 
-    if sizes is None or not per_tower.supports_per_tower(cfg):
+    if sizes is None:
         return False
     large = [t for t in towers if 4 * sizes[t] > options.large_tower_bytes]
-    if large and options.precision != "fp32":
+    if large and options.precision in QUANTIZED:
         raise UsageError(
             f"{name}: the {', '.join(large)} tower{'s' if len(large) > 1 else ''} "
-            f"({', '.join(f'{sizes[t] / 1e9:.2f} B parameters' for t in large)}) go to ONNX external data, "
-            f"where this version builds fp32 only (the {options.precision} passes need every weight in memory). "
-            "Build with --precision fp32.")
-    return bool(large)
+            f"({', '.join(f'{sizes[t] / 1e9:.2f} B parameters' for t in large)}): {EXTERNAL_UNSUPPORTED}.")
+    return bool(large) and per_tower.supports_per_tower(cfg)
 
 
 def parity_batch_sizes(recipe: Recipe, batch: BatchRange) -> list[int]:
@@ -280,12 +281,9 @@ def tower_parity(
     with tempfile.TemporaryDirectory(prefix="clipexport-parity-") as tmp:
         path = onnx_path
         if precision in ("fp16", "bf16"):
-            import onnx
+            from clipexport.passes.precision import LOW_TYPES
 
-            from clipexport.passes.precision import LOW_TYPES, emulate_on_fp32
-
-            path = Path(tmp) / onnx_path.name
-            save_onnx(emulate_on_fp32(onnx.load(str(onnx_path)), LOW_TYPES[precision]), path)
+            path = _emulated_graph(onnx_path, LOW_TYPES[precision], Path(tmp))
             note = (f"{precision} emulated: every node of the {precision} graph ran in fp32 between Casts from and to "
                     f"{precision} ({precision} storage, fp32 arithmetic). onnxruntime's CPU provider has no bf16 "
                     "kernels, and for fp16 it runs only Attention and layout ops natively (MatMul, Gemm, Conv, "
@@ -293,12 +291,46 @@ def tower_parity(
         elif precision == "fp8":
             note = ("fp8 Q/DQ ran on onnxruntime CPU as quantize-dequantize (fp8 E4M3 rounding of weights and "
                     "activations, fp32 arithmetic): the numbers of fp8, not its speed")
-        with IsolatedOnnxRuntimeCandidate(path, spec.input_name) as candidate:
-            parity = check_tower(tower, reference, candidate, inputs, tolerance, candidate.backend, precision,
-                                 anchors=anchors, trim=trim, pad_id=pad_id)
+        try:
+            with IsolatedOnnxRuntimeCandidate(path, spec.input_name) as candidate:
+                parity = check_tower(tower, reference, candidate, inputs, tolerance, candidate.backend, precision,
+                                     anchors=anchors, trim=trim, pad_id=pad_id)
+        finally:
+            if path.name.startswith(".emulated-"):
+                path.unlink(missing_ok=True)
     parity.note = note
     parity.top1_gated = ref.weights.kind != RANDOM
     return parity
+
+
+def _emulated_graph(onnx_path: Path, low: int, folder: Path) -> Path:
+    """The fp32-arithmetic twin of a fp16/bf16 graph, written into `folder`.
+
+    A graph with external weights gets its data files hard-linked beside the twin (ONNX Runtime
+    reads external data only from the graph's own folder, and refuses symbolic links out of it):
+    the weights are neither copied nor loaded here.
+    """
+    import os
+
+    import onnx
+
+    from clipexport.passes.external_precision import data_files
+    from clipexport.passes.precision import emulate_on_fp32
+
+    graph = onnx.load(str(onnx_path), load_external_data=False)
+    external = data_files(graph)
+    path = folder / onnx_path.name
+    if not external:
+        save_onnx(emulate_on_fp32(graph, low), path)
+        return path
+    for name in external:
+        try:
+            os.link(onnx_path.parent / name, folder / name)
+        except OSError:  # another file system: the twin lives beside the data (the caller removes it)
+            path = onnx_path.parent / f".emulated-{onnx_path.name}"
+            break
+    onnx.save_model(emulate_on_fp32(graph, low), str(path))  # the graph only; its weights stay external
+    return path
 
 
 def tower_engine(
@@ -355,6 +387,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     from clipexport.export import export_tower, export_tower_to_file, external_files, optimize_external
     from clipexport.models.towers import attention_blocks, text_tower
     from clipexport.passes import PassConfig, PassRecord, run_passes
+    from clipexport.passes.external_precision import EXTERNAL_PRECISIONS, lower_external_precision
     from clipexport.passes.fuse_attention import check_unfused
 
     progress = progress or Progress(quiet=True)
@@ -434,6 +467,12 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 )
             if large:
                 records = [simplify_record if r.name == "simplify" else r for r in records]
+                if options.precision in EXTERNAL_PRECISIONS:
+                    with progress.stage(f"{options.precision} {tower} tower (weight by weight over its data file)"):
+                        graph, precision_record = lower_external_precision(graph, onnx_path, pass_cfg)
+                    records = [precision_record if r.name == "precision" else r for r in records]
+                    progress.say(f"    precision: {precision_record.detail}")
+                    written = external_files(onnx_path)
             if not fuse:
                 softmaxes = check_unfused(graph, pass_cfg)
                 pass_cfg.details["attention"] = {"lowering": "none", "fused_nodes": 0, "softmax_nodes": softmaxes,

@@ -85,7 +85,8 @@ def cli() -> None:
               help="TensorRT timing cache file. Default: one per TensorRT version and GPU under ~/.cache/clipexport.")
 @click.option("--external-data", is_flag=True,
               help="Write every tower's weights to ONNX external data (<tower>.onnx.data), as towers over "
-                   "1.5 GB always are; a built-in CLIP is then also loaded one tower at a time (fp32 only).")
+                   "1.5 GB always are; a built-in CLIP is then also loaded one tower at a time. fp32, fp16 and "
+                   "bf16 build this way; int8/fp8 do not.")
 @click.option("--no-memory-check", is_flag=True,
               help="Try the build even when the least memory it needs (counted from the model's size before "
                    "anything loads) exceeds what this machine has available.")

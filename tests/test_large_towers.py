@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 
 import clipexport
-from clipexport.build import BuildOptions, build, verify_artifact
+from clipexport.build import BuildOptions, build, plan_build, verify_artifact
 from clipexport.cli import cli
 from clipexport.errors import ArtifactError, UsageError
 from clipexport.hashing import file_sha256
@@ -144,11 +144,93 @@ def test_per_tower_checkpoint_load_matches_open_clip_loading_the_same_file(vit_t
     assert manifest["logit_scale"] == pytest.approx(float(state["logit_scale"].exp()), rel=1e-6)
 
 
-def test_lower_precision_of_a_large_tower_is_refused_before_any_work(vit_twin, tmp_path):
-    out = tmp_path / "fp16"
-    with pytest.raises(UsageError, match="fp32 only"):
-        build(BuildOptions(model=vit_twin, pretrained="none", precision="fp16", out=out, large_tower_bytes=0))
-    assert not out.exists()
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_quantizing_a_large_tower_is_refused_before_any_work(vit_twin, twin, tmp_path, precision):
+    for model in (vit_twin, twin("timm")):  # loaded tower by tower, and loaded whole
+        out = tmp_path / f"{precision}-{model[-8:]}"
+        with pytest.raises(UsageError, match="int8 and fp8 builds of a tower whose weights go to external data"):
+            plan_build(BuildOptions(model=model, pretrained="none", precision=precision, out=out, large_tower_bytes=0))
+        assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def fp16_large_artifact(vit_twin, tmp_path_factory):
+    out = tmp_path_factory.mktemp("large-fp16") / "art"
+    result = build(BuildOptions(model=vit_twin, pretrained="none", precision="fp16", out=out, large_tower_bytes=0))
+    return out, result
+
+
+def test_fp16_large_tower_is_converted_weight_by_weight_into_one_fp16_data_file(fp16_large_artifact):
+    out, result = fp16_large_artifact
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["loading"] == "per-tower" and manifest["precision"] == "fp16"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no probe, raw or twin left
+    for tower in ("image", "text"):
+        info = manifest["towers"][tower]
+        assert info["external_data"] == [f"{tower}.onnx.data"]
+        data = out / f"{tower}.onnx.data"
+        assert manifest["files"][data.name] == file_sha256(data)
+        assert data.stat().st_mode == (out / f"{tower}.onnx").stat().st_mode  # not owner-only
+        graph = onnx.load(str(out / f"{tower}.onnx"), load_external_data=False).graph
+        external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        low = [t for t in external if t.data_type == onnx.TensorProto.FLOAT16]
+        kept = [t for t in external if t.data_type == onnx.TensorProto.FLOAT]
+        low_bytes = sum(2 * int(np.prod(t.dims)) for t in low)
+        # the weight matrices are fp16 in the data file; the fp32 originals are gone with the old file
+        assert len(low) >= 8 and low_bytes >= 2 * info["parameters"] * 0.8
+        assert data.stat().st_size < 4 * info["parameters"] * 0.6
+        assert all(len(t.raw_data) == 0 for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+        assert sum(int(np.prod(t.dims)) for t in kept) < 0.2 * info["parameters"]  # norms, the final projection
+        record = next(p for p in info["passes"] if p["name"] == "precision")
+        assert record["status"] == "applied" and "weight by weight over the external data file" in record["detail"]
+        assert info["attention"]["fused_nodes"] == 2
+        parity = result.parity[tower]
+        assert parity.passed and "emulated" in parity.note
+        assert 0.999 <= parity.cosine_min < 1.0 - 1e-9  # fp16 rounding is there, and small
+    onnx.checker.check_model(str(out / "image.onnx"))
+
+
+def test_fp16_large_tower_artifact_loads_verifies_and_matches_the_fp32_one(fp16_large_artifact, large_artifact):
+    out, _ = fp16_large_artifact
+    fp32_out, _ = large_artifact
+    pixels = np.random.default_rng(1).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    low = clipexport.load(out, backend="onnxruntime").encode_pixels(pixels, normalize=False)
+    full = clipexport.load(fp32_out, backend="onnxruntime").encode_pixels(pixels, normalize=False)
+    cosine = (low * full).sum(1) / np.linalg.norm(low, axis=1) / np.linalg.norm(full, axis=1)
+    assert cosine.min() > 0.999 and not np.array_equal(low, full)
+    checked = verify_artifact(out)  # parity again, through the hard-linked emulation twin
+    assert checked["parity"]["image"].passed and checked["parity"]["text"].passed
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_bf16_large_tower_of_a_model_loaded_whole(twin, tmp_path):
+    out = tmp_path / "timm-bf16"
+    result = build(BuildOptions(model=twin("timm"), pretrained="none", precision="bf16", towers=["image"], out=out,
+                                large_tower_bytes=0))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["loading"] == "whole" and manifest["towers"]["image"]["external_data"] == ["image.onnx.data"]
+    graph = onnx.load(str(out / "image.onnx"), load_external_data=False).graph
+    assert sum(t.data_type == onnx.TensorProto.BFLOAT16 for t in graph.initializer) >= 4
+    assert result.parity["image"].passed and result.parity["image"].cosine_min >= 0.99
+
+
+def test_emulation_twin_beside_the_data_when_hard_links_fail_is_removed_after(fp16_large_artifact, vit_twin,
+                                                                              tmp_path, monkeypatch):
+    """Simulates an artifact on another file system than the temporary folder (os.link fails)."""
+    import os
+    import shutil
+
+    out, _ = fp16_large_artifact
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+
+    def cross_device(*_args):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    checked = verify_artifact(copy)
+    assert checked["parity"]["image"].passed
+    assert not [p for p in copy.iterdir() if p.name.startswith(".")]
 
 
 def test_cli_external_data_flag_takes_the_large_tower_path(vit_twin, tmp_path):

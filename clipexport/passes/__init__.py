@@ -78,10 +78,18 @@ PIPELINE: tuple[GraphPass, ...] = (
               summary="int8/fp8 Q/DQ: per-channel weights, calibrated activations"),
 )
 # Passes that rewrite weights: they need every tensor in memory, so a graph whose weights stay
-# in external data skips them (the exporter's optimizer already folded its constants).
+# in external data skips them here, and the build runs its own external-data version of those
+# it has (simplify with onnxscript's optimizer, precision weight by weight); quantize has none.
 WEIGHT_PASSES = ("simplify", "precision", "quantize")
-EXTERNAL_SKIP = ("weights in external data (a tower over protobuf's 2 GB): onnxslim needs the whole graph "
-                 "in memory; the build simplifies with onnxscript over the memory-mapped data instead")
+EXTERNAL_SKIP = {
+    "simplify": "weights in external data (a tower over protobuf's 2 GB): onnxslim needs the whole graph "
+                "in memory; the build simplifies with onnxscript over the memory-mapped data instead",
+    "precision": "weights in external data (a tower over protobuf's 2 GB): the build converts them weight "
+                 "by weight over the data file after the graph passes",
+}
+EXTERNAL_UNSUPPORTED = ("int8 and fp8 builds of a tower whose weights go to external data (over the large-tower "
+                        "size) are not supported: quantization needs every weight in memory; build it in fp32, "
+                        "fp16 or bf16")
 # Passes that only make sense for some builds say so in their record instead of "applied".
 _ACTIVE: dict[str, Callable[[PassConfig], bool]] = {
     "trim_text": lambda cfg: cfg.tower == "text" and cfg.trim_text,
@@ -134,10 +142,9 @@ def run_passes(
             continue
         active = _ACTIVE.get(graph_pass.name, lambda _cfg: True)(cfg)
         if cfg.external_weights and graph_pass.name in WEIGHT_PASSES and active:
-            if graph_pass.name != "simplify":
-                raise UsageError(f"a {cfg.precision} build of a tower over 2 GB is not supported yet: its "
-                                 f"{graph_pass.name} pass needs every weight in memory. Build it in fp32.")
-            records.append(PassRecord(graph_pass.name, "skipped", before, before, 0.0, EXTERNAL_SKIP))
+            if graph_pass.name not in EXTERNAL_SKIP:
+                raise UsageError(f"{EXTERNAL_UNSUPPORTED} (the {graph_pass.name} pass needs every weight in memory)")
+            records.append(PassRecord(graph_pass.name, "skipped", before, before, 0.0, EXTERNAL_SKIP[graph_pass.name]))
             continue
         if not active:
             records.append(PassRecord(graph_pass.name, "skipped", before, before, 0.0,

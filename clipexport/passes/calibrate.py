@@ -7,8 +7,10 @@ intermediates.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -45,12 +47,16 @@ def collect_stats(
     samples: Sequence[np.ndarray],
     tensors: Sequence[str] | None = None,
     quantile: float | None = None,
+    weights_dir: Path | None = None,
 ) -> TensorStats:
     """Run `model` (fp32) on each sample on ONNX Runtime CPU and reduce every named tensor.
 
     samples: one array per run, fed to the graph's single input.
     tensors: which intermediate tensors to watch (default: every float tensor).
     quantile: also record this quantile of |x| (slow on big tensors; quantization wants it).
+    weights_dir: the folder of the data file a graph with external weights points to; the probe
+    graph is written there for the session (ONNX Runtime reads external data only beside the
+    graph file), and removed after.
     """
     import onnxruntime as ort
 
@@ -68,7 +74,12 @@ def collect_stats(
     # No graph rewrites: the watched names must survive as they are in our graph.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        if weights_dir is None:
+            session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        else:
+            with tempfile.NamedTemporaryFile(dir=weights_dir, prefix=".calibrate-", suffix=".onnx") as graph_file:
+                onnx.save_model(probe, graph_file.name)  # the graph only: its weights stay in the data file
+                session = ort.InferenceSession(graph_file.name, options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise PassError(f"calibration: onnxruntime cannot load the graph: {str(exc).splitlines()[0][:300]}") from exc
     names = [o.name for o in session.get_outputs()]

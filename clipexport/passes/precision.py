@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -147,11 +148,15 @@ def convert_precision(
     policy: PrecisionPolicy = PrecisionPolicy(),
     ranges: Mapping[str, float] | None = None,
     report: PrecisionReport | None = None,
+    weights_dir: Path | None = None,
 ) -> onnx.ModelProto:
     """Return a copy of `model` computing in `precision` ("fp16" or "bf16") under `policy`.
 
     ranges: max |x| per float tensor of the fp32 graph (from calibration); used for fp16
     only. None converts without a range guard (what a naive conversion does).
+    weights_dir: where the data file of a graph with external weights is: each weight is read
+    from it when converted, one at a time; the converted ones are held in memory, those kept
+    fp32 stay external.
     """
     if precision not in LOW_TYPES:
         raise PassError(f"precision pass: unknown precision {precision!r} (fp16 or bf16)")
@@ -167,13 +172,17 @@ def convert_precision(
     final = _final_projections(out, types) if policy.keep_final_projection else set()
     broadcast = batch_broadcast(out)
     limit = FP16_MAX / policy.fp16_headroom
+    base_dir = str(weights_dir) if weights_dir is not None else ""
+    weight_peaks: dict[str, float] = {}  # an external weight is read from disk once for its range
 
     def over_range(name: str) -> bool:
         if low != TensorProto.FLOAT16:
             return False
         if name in inits and types.get(name) == FLOAT:
-            values = np.abs(numpy_helper.to_array(inits[name]))
-            return float(values[np.isfinite(values)].max(initial=0.0)) > limit  # inf (masks) fits every type
+            if name not in weight_peaks:
+                values = np.abs(numpy_helper.to_array(inits[name], base_dir))
+                weight_peaks[name] = float(values[np.isfinite(values)].max(initial=0.0))  # inf (masks) fits every type
+            return weight_peaks[name] > limit
         return ranges is not None and ranges.get(name, 0.0) > limit
 
     current: dict[str, int] = {}  # tensor -> its type in the new graph
@@ -205,7 +214,7 @@ def convert_precision(
         if name in inits and name not in current:
             key = f"{name}/{'low' if want == low else 'fp32'}"
             if key not in converted_inits:
-                array = numpy_helper.to_array(inits[name]).astype(np.float32)
+                array = numpy_helper.to_array(inits[name], base_dir).astype(np.float32)
                 tensor = numpy_helper.from_array(_cast_array(array, low) if want == low else array, fresh(key))
                 graph.initializer.append(tensor)
                 converted_inits[key] = tensor.name
