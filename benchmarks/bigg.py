@@ -10,6 +10,7 @@ Then the artifact is loaded back with clipexport.load and embeds a few images an
 
     python benchmarks/bigg.py                      # writes benchmarks/results/bigg.md and bigg.json
     python benchmarks/bigg.py --model ViT-B-32 --external-data --out-name smoke   # the same path, small
+    python benchmarks/bigg.py --precision fp16 --out-name bigg-fp16   # fp16 converted over the data files
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-bigG-14")
     parser.add_argument("--pretrained", default="none")
     parser.add_argument("--external-data", action="store_true", help="force the large-tower path (small models)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--out-name", default="bigg")
     parser.add_argument("--keep", type=Path, help="keep the artifact here instead of a temporary directory")
     args = parser.parse_args()
@@ -121,6 +123,7 @@ def main() -> None:
     with TreeMemory() as memory:
         progress = MeasuredProgress()
         options = BuildOptions(model=args.model, pretrained=args.pretrained, out=out, force=True,
+                               precision=args.precision,
                                **({"large_tower_bytes": 0} if args.external_data else {}))
         result = build(options, progress)
         build_seconds = time.perf_counter() - started
@@ -145,7 +148,8 @@ def main() -> None:
         for t, info in manifest["towers"].items()
     }
     report = {
-        "model": args.model, "pretrained": args.pretrained, "loading": manifest["loading"],
+        "model": args.model, "pretrained": args.pretrained, "precision": args.precision,
+        "loading": manifest["loading"],
         "build_seconds": round(build_seconds, 1), "overall_peak_rss_gb": round(memory.overall_peak / 1e9, 2),
         "stages": stages, "towers": towers, "files": files,
         "sha256": manifest["files"], "cpu_count": os.cpu_count(),
@@ -169,7 +173,8 @@ def _tower_of(stage: str) -> str | None:
 def render(report: dict[str, Any]) -> str:
     towers = report["towers"]
     lines = [
-        f"# {report['model']} on this machine ({report['cpu_count']} cores), pretrained={report['pretrained']}",
+        f"# {report['model']} on this machine ({report['cpu_count']} cores), pretrained={report['pretrained']}, "
+        f"{report.get('precision', 'fp32')}",
         "",
         f"Loading: {report['loading']}. Build wall time {report['build_seconds']} s; peak RSS of the whole process "
         f"tree (build + ONNX Runtime parity child) {report['overall_peak_rss_gb']} GB.",
