@@ -84,7 +84,8 @@ def predicted_peak_gb(name: str, sizes: dict[str, float]) -> float:
     """Peak RSS a build is expected to reach, from this machine's earlier surveys: about 1.5 GB plus
     6x the fp32 weights on the normal path (onnxslim and the passes hold copies); towers over
     clipexport's large-tower size go to external data (one tower at a time for built-in CLIPs,
-    about 1.3x the larger tower; the whole model plus the export otherwise, about 2.5x)."""
+    about 1.3x the larger tower; loaded whole otherwise, about 2.5x the large towers and still
+    6x the others)."""
     import open_clip
 
     from clipexport.build import LARGE_TOWER_BYTES
@@ -95,7 +96,10 @@ def predicted_peak_gb(name: str, sizes: dict[str, float]) -> float:
         return 1.5 + 6 * weights["total"]
     if supports_per_tower(open_clip.get_model_config(name)):
         return 1.5 + 1.3 * max(weights["image"], weights["text"])
-    return 1.5 + 2.5 * weights["total"]
+    # loaded whole: a tower under the large-tower size still takes the normal path's copies
+    # (ViT-L-16-SigLIP2: a 1.26 GB timm image tower beside a 2.26 GB text tower passed 14.6 GB)
+    large = sum(w for t, w in weights.items() if t != "total" and w * 1e9 > LARGE_TOWER_BYTES)
+    return 1.5 + 2.5 * large + 6 * (weights["total"] - large)
 
 
 def survey(names: list[str], sizes: dict[str, dict[str, float]], max_params: float, timeout: int,

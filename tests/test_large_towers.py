@@ -278,3 +278,28 @@ def test_text_transformer_fed_by_a_hugging_face_tokenizer_also_loads_tower_by_to
     for tower in ("image", "text"):
         assert manifest["towers"][tower]["external_data"] == [f"{tower}.onnx.data"]
         assert result.parity[tower].cosine_min >= 0.99999 and result.parity[tower].max_rel_err < 1e-4
+
+
+def test_text_tower_without_a_causal_mask_loads_tower_by_tower(tmp_path):
+    """ViT-H-14-CLIPA (a 2.5 GB image tower) loads tower by tower; its text tower attends without a
+    causal mask (open_clip keeps `attn_mask` as None), which materialize and release must allow."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from twins import write_hf_tokenizer_text_twin
+
+    model = write_hf_tokenizer_text_twin("clipa", tmp_path / "clipa")
+    ref = load_reference(model, "none", seed=0, per_tower=True)
+    ref.materialize("text")
+    assert ref.model.attn_mask is None and ref.model.text_pool_type == "last"
+    ref.release("text")
+    assert ref.model.token_embedding.weight.device.type == "meta"
+
+    out = tmp_path / "art"
+    result = build(BuildOptions(model=model, pretrained="none", out=out, large_tower_bytes=0))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["loading"] == "per-tower" and manifest["tokenizer"]["context_length"] == 32
+    for tower in ("image", "text"):
+        assert manifest["towers"][tower]["external_data"] == [f"{tower}.onnx.data"]
+        assert result.parity[tower].cosine_min >= 0.99999 and result.parity[tower].max_rel_err < 1e-4

@@ -226,6 +226,13 @@ HF_TOKENIZER_TEXT_TWINS: dict[str, dict[str, Any]] = {
                             "tokenizer_kwargs": {"clean": "canonicalize"}, "width": 32, "heads": 2, "layers": 2,
                             "no_causal_mask": True, "proj_bias": True, "pool_type": "last",
                             "norm_kwargs": {"eps": 1e-6}}},
+    # ViT-H-14-CLIPA: open_clip ViT (no ln_pre, average pooling), text without causal mask, 'last' pooling
+    "clipa": {"embed_dim": 24,
+              "vision_cfg": {"image_size": 32, "layers": 2, "width": 48, "head_width": 24, "patch_size": 8,
+                             "no_ln_pre": True, "pool_type": "avg", "final_ln_after_pool": True},
+              "text_cfg": {"context_length": 32, "vocab_size": 1024, "hf_tokenizer_name": "bert-base-uncased",
+                           "tokenizer_kwargs": {"strip_sep_token": True}, "width": 32, "heads": 2, "layers": 2,
+                           "pool_type": "last", "no_causal_mask": True}},
     # ViT-H-14-worldwide: open_clip ViT, causal text with 'eos' pooling on XLM-V's </s>=2
     "worldwide": {"embed_dim": 24,
                   "vision_cfg": {"image_size": 32, "layers": 2, "width": 48, "head_width": 24, "patch_size": 8},

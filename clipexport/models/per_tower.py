@@ -162,7 +162,8 @@ def _all_tensors(model: Any, tower: str) -> list[Any]:
         from torch import nn
 
         tensors += [v for a in TEXT_ATTRIBUTES if not isinstance(v := getattr(model, a), nn.Module) and v is not None]
-        tensors.append(model.attn_mask)
+        if model.attn_mask is not None:  # CLIPA and SigLIP text towers attend without a causal mask
+            tensors.append(model.attn_mask)
     return tensors
 
 
