@@ -83,9 +83,9 @@ def tower_sizes(name: str) -> dict[str, float]:
 def predicted_peak_gb(name: str, sizes: dict[str, float]) -> float:
     """Peak RSS a build is expected to reach, from this machine's earlier surveys: about 1.5 GB plus
     6x the fp32 weights on the normal path (onnxslim and the passes hold copies); towers over
-    clipexport's large-tower size go to external data (one tower at a time for built-in CLIPs,
-    about 1.3x the larger tower; loaded whole otherwise, about 2.5x the large towers and still
-    6x the others)."""
+    clipexport's large-tower size go to external data (one tower at a time for built-in CLIPs:
+    about 1.3x a large tower, 8x a small one, whichever is more; loaded whole otherwise, about
+    2.5x the large towers and still 6x the others)."""
     import open_clip
 
     from clipexport.build import LARGE_TOWER_BYTES
@@ -94,11 +94,14 @@ def predicted_peak_gb(name: str, sizes: dict[str, float]) -> float:
     weights = {k: 4 * v / 1e9 for k, v in sizes.items()}
     if max(weights["image"], weights["text"]) * 1e9 <= LARGE_TOWER_BYTES:
         return 1.5 + 6 * weights["total"]
+    towers = [w for t, w in weights.items() if t != "total"]
     if supports_per_tower(open_clip.get_model_config(name)):
-        return 1.5 + 1.3 * max(weights["image"], weights["text"])
+        # one tower at a time; a tower under the large-tower size takes the normal path's copies
+        # (ViT-H-14: its 1.42 GB text tower peaked at 12.5 GB, above the 2.53 GB image tower's path)
+        return 1.5 + max(1.3 * w if w * 1e9 > LARGE_TOWER_BYTES else 8 * w for w in towers)
     # loaded whole: a tower under the large-tower size still takes the normal path's copies
     # (ViT-L-16-SigLIP2: a 1.26 GB timm image tower beside a 2.26 GB text tower passed 14.6 GB)
-    large = sum(w for t, w in weights.items() if t != "total" and w * 1e9 > LARGE_TOWER_BYTES)
+    large = sum(w for w in towers if w * 1e9 > LARGE_TOWER_BYTES)
     return 1.5 + 2.5 * large + 6 * (weights["total"] - large)
 
 
