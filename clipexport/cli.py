@@ -29,7 +29,11 @@ def _fail(exc: ClipExportError) -> NoReturn:
 
 
 def _terminate_as_interrupt(signum: int, frame: Any) -> None:
-    # SIGTERM unwinds like Ctrl-C, so staging directories are cleaned up.
+    # SIGTERM unwinds like Ctrl-C, so staging directories are cleaned up; STOP makes the next
+    # stage boundary raise it again should a library catch this one.
+    from clipexport.progress import STOP
+
+    STOP.set()
     raise KeyboardInterrupt
 
 
@@ -127,7 +131,12 @@ def build(model: str, pretrained: str | None, towers: str, precision: str, batch
         )
         result = run_build(options, Progress(quiet=quiet))
     except ClipExportError as exc:
-        _fail(exc)
+        from clipexport.progress import STOP
+
+        if not STOP.is_set():  # else: the interrupt, turned into an error by a library on the way
+            _fail(exc)
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
     except KeyboardInterrupt:
         click.echo("interrupted: nothing was written", err=True)
         sys.exit(130)

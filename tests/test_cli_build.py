@@ -262,3 +262,23 @@ def test_help_teaches():
     text = run("build", "--help").output
     for needle in ("--pretrained", "MIN:OPT:MAX", "--force", "Examples:", "clipexport build ViT-B-32 --pretrained none"):
         assert needle in text
+
+
+def test_an_interrupt_a_library_swallows_still_stops_the_build_at_the_next_stage_boundary():
+    from clipexport.progress import STOP, Progress
+
+    progress = Progress(quiet=True)
+    try:
+        with pytest.raises(KeyboardInterrupt), progress.stage("export image tower"):
+            STOP.set()  # what the CLI's SIGTERM handler does before raising
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:  # a library catching it mid-stage
+                pass
+        with pytest.raises(KeyboardInterrupt), progress.stage("simplify image tower"):
+            pass
+    finally:
+        STOP.clear()
+    with progress.stage("after"):
+        pass
+    assert set(progress.timings) == {"export image tower", "after"}  # the stopped stage never began
