@@ -123,7 +123,10 @@ def survey(names: list[str], sizes: dict[str, dict[str, float]], max_params: flo
     from clipexport.recipes import load_recipes, unsupported_reason
 
     recipes = list(load_recipes().values())
-    rows: list[dict] = [{"model": n, "status": "not run", "params": sizes[n]["total"],
+    # Until a name is reached, its row is the earlier run's (so a survey killed midway loses no
+    # row it was given), or "not run".
+    rows: list[dict] = [done[n] if done and n in done else
+                        {"model": n, "status": "not run", "params": sizes[n]["total"],
                          "reason": "not reached within --budget-minutes; continue with --resume"} for n in names]
     lock = threading.Condition()
     running: dict[str, float] = {}  # name -> predicted peak GB
