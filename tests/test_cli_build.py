@@ -242,7 +242,9 @@ def test_sigterm_during_export_leaves_nothing(twin, tmp_path):
     time.sleep(0.5)  # inside the export, after the staging directory exists
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    # 130, or killed by SIGINT (a shell shows that as 130 too): Python ends that way when an
+    # interrupt is still pending at exit (seen once in CI, after the message below was printed)
+    assert proc.returncode in (130, -signal.SIGINT), err
     assert "interrupted: nothing was written" in err
     assert leftovers(tmp_path / "parent") == []
 
