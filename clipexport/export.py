@@ -191,12 +191,9 @@ def _optimize_external_here(source: str, target: str, sequence: bool) -> tuple[i
 
 def external_files(path: Path) -> list[str]:
     """The graph file and the data files its initializers point to (names relative to its folder)."""
-    graph = onnx.load(str(path), load_external_data=False)
-    locations = {
-        entry.value for tensor in graph.graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL
-        for entry in tensor.external_data if entry.key == "location"
-    }
-    return [path.name, *sorted(locations)]
+    from clipexport.passes.external_precision import data_files
+
+    return [path.name, *data_files(onnx.load(str(path), load_external_data=False))]
 
 
 def _trace(
