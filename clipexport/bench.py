@@ -106,6 +106,22 @@ def time_runner(run: Runner, warmup: int, iters: int, sync: Callable[[], None]) 
     return np.asarray(times)
 
 
+def matmul_probe(n: int) -> Any:
+    """An ONNX graph of one fp32 [n, n] x [n, n] MatMul, for onnxruntime's share of the GEMM ceiling."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
+    )
+    # Pin the IR version: make_model stamps the installed onnx's newest, which an older
+    # onnxruntime refuses (onnx 1.23.1 wrote IR 14; onnxruntime 1.30 reads up to 13: seen on
+    # the GPU machine). IR 8 is opset 17's and every onnxruntime we support reads it.
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
 def gemm_gflops(device: str, n: int = 2048, iters: int = 5) -> dict[str, Any]:
     """Best GFLOP/s of an n x n x n fp32 matmul: torch on `device`, and onnxruntime's MatMul on CPU."""
     import torch
@@ -118,15 +134,8 @@ def gemm_gflops(device: str, n: int = 2048, iters: int = 5) -> dict[str, Any]:
     out["torch_gflops"] = 2 * n**3 / seconds.min() / 1e9
     if device == "cpu":
         import onnxruntime as ort
-        from onnx import TensorProto, helper
 
-        graph = helper.make_graph(
-            [helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
-            [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
-             helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
-            [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model = matmul_probe(n)
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         feeds = {"a": a.numpy(), "b": b.numpy()}
         seconds = time_runner(lambda: session.run(None, feeds), 2, iters, lambda: None)
@@ -249,14 +258,20 @@ def run_bench(directory: Path, config: BenchConfig, progress: Progress | None = 
     progress.say(f"    GEMM ceiling: {gemm['best_gflops']:.1f} GFLOP/s")
     report = Report(str(directory), manifest["model"], manifest["precision"], environment(config.device), gemm)
     tokenizer = ref.tokenizer()
+
+    def make(tower: str, batch: int) -> Any:
+        return torch.randn(batch, 3, ref.image_size, ref.image_size) if tower == "image" else tokenizer(_prompts(batch))
+
+    # Count every tower's FLOPs on the CPU before any backend runs: the torch backends move their
+    # module to the GPU, and towers can share one model (a transformers CLIPModel), so counting the
+    # second tower afterwards met CPU inputs and CUDA weights (seen on an H200).
+    tower_flops = {tower: _flops_per_item(ref.tower(tower), make(tower, 1)) for tower in towers}
     for tower in towers:
         info = manifest["towers"][tower]
         module = ref.tower(tower)
-        make = (lambda b: torch.randn(b, 3, ref.image_size, ref.image_size)) if tower == "image" else (
-            lambda b: tokenizer(_prompts(b)))
-        flops = _flops_per_item(module, make(1))
+        flops = tower_flops[tower]
         for batch in config.batches:
-            batch_input = make(batch)
+            batch_input = make(tower, batch)
             for backend in config.backends:
                 label = f"{tower} batch {batch} {backend}"
                 runner = _backend_runner(backend, module, directory / info["onnx"], info["inputs"][0]["name"],

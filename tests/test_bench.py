@@ -89,3 +89,47 @@ def test_cli_bench_writes_three_files(artifact, tmp_path):
     assert {(r["tower"], r["backend"], r["batch"]) for r in rows} == {("text", "torch", 2), ("text", "onnxruntime", 2)}
     bad = CliRunner().invoke(cli, ["bench", str(artifact), "--batch", "x"])
     assert bad.exit_code == 1 and "error: --batch" in bad.output
+
+
+
+def test_every_towers_flops_are_counted_before_any_backend_moves_a_model(tmp_path, monkeypatch):
+    """A transformers CLIPModel's two towers share one model: once the image tower's torch backend
+    moved it to the GPU, counting the text tower's FLOPs on CPU tokens failed (seen on an H200).
+    No GPU here, and a 'meta' device does not check devices; so this checks the order of events."""
+    from clipexport import bench
+    from twins import write_tiny_hf_clip
+
+    model = write_tiny_hf_clip(tmp_path / "cfg")
+    directory = build(BuildOptions(model=model, pretrained="none", out=tmp_path / "art")).out_dir
+    events: list[str] = []
+    real_flops, real_runner = bench._flops_per_item, bench._backend_runner
+
+    def counted(module, example):
+        events.append("flops")
+        return real_flops(module, example)
+
+    def runner(backend, *args):
+        events.append("backend")
+        return real_runner(backend, *args)
+
+    monkeypatch.setattr(bench, "_flops_per_item", counted)
+    monkeypatch.setattr(bench, "_backend_runner", runner)
+    report = run_bench(directory, BenchConfig(backends=("torch",), batches=(1, 2), warmup=0, iters=1))
+    assert events == ["flops", "flops"] + ["backend"] * 4
+    rows = {r.tower: r for r in report.rows}
+    assert set(rows) == {"image", "text"} and all(r.gflop_per_item > 0 for r in rows.values())
+    assert rows["image"].gflop_per_item != rows["text"].gflop_per_item
+
+
+def test_the_onnxruntime_gemm_probe_is_readable_by_older_onnxruntimes():
+    """make_model stamps the installed onnx's newest IR (14 with onnx 1.23.1), which onnxruntime 1.30
+    refused on the GPU machine; the probe pins IR 8 (opset 17's), and still computes a @ b."""
+    import onnxruntime as ort
+
+    from clipexport.bench import matmul_probe
+
+    probe = matmul_probe(4)
+    assert probe.ir_version == 8
+    a, b = np.arange(16, dtype=np.float32).reshape(4, 4), np.eye(4, dtype=np.float32)[::-1].copy()
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"a": a, "b": b})[0], a @ b)
