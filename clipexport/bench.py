@@ -265,10 +265,11 @@ def run_bench(directory: Path, config: BenchConfig, progress: Progress | None = 
     # Count every tower's FLOPs on the CPU before any backend runs: the torch backends move their
     # module to the GPU, and towers can share one model (a transformers CLIPModel), so counting the
     # second tower afterwards met CPU inputs and CUDA weights (seen on an H200).
-    tower_flops = {tower: _flops_per_item(ref.tower(tower), make(tower, 1)) for tower in towers}
+    modules = {tower: ref.tower(tower) for tower in towers}
+    tower_flops = {tower: _flops_per_item(modules[tower], make(tower, 1)) for tower in towers}
     for tower in towers:
         info = manifest["towers"][tower]
-        module = ref.tower(tower)
+        module = modules[tower]
         flops = tower_flops[tower]
         for batch in config.batches:
             batch_input = make(tower, batch)

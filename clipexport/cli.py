@@ -28,6 +28,11 @@ def _fail(exc: ClipExportError) -> NoReturn:
     sys.exit(1)
 
 
+def _exit_interrupted() -> NoReturn:
+    click.echo("interrupted: nothing was written", err=True)
+    sys.exit(130)
+
+
 def _terminate_as_interrupt(signum: int, frame: Any) -> None:
     # SIGTERM unwinds like Ctrl-C, so staging directories are cleaned up; STOP makes the next
     # stage boundary raise it again should a library catch this one.
@@ -135,11 +140,9 @@ def build(model: str, pretrained: str | None, towers: str, precision: str, batch
 
         if not STOP.is_set():  # else: the interrupt, turned into an error by a library on the way
             _fail(exc)
-        click.echo("interrupted: nothing was written", err=True)
-        sys.exit(130)
+        _exit_interrupted()
     except KeyboardInterrupt:
-        click.echo("interrupted: nothing was written", err=True)
-        sys.exit(130)
+        _exit_interrupted()
     click.echo(str(result.out_dir))
 
 

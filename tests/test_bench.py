@@ -91,7 +91,6 @@ def test_cli_bench_writes_three_files(artifact, tmp_path):
     assert bad.exit_code == 1 and "error: --batch" in bad.output
 
 
-
 def test_every_towers_flops_are_counted_before_any_backend_moves_a_model(tmp_path, monkeypatch):
     """A transformers CLIPModel's two towers share one model: once the image tower's torch backend
     moved it to the GPU, counting the text tower's FLOPs on CPU tokens failed (seen on an H200).
