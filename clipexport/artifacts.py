@@ -18,16 +18,16 @@ import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from clipexport.errors import ArtifactError, UsageError
-from clipexport.hashing import file_sha256
+from clipexport.errors import UsageError
+from clipexport.manifest import FORMAT_VERSION, MANIFEST, tensor_infos
 
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+__all__ = ["FORMAT_VERSION", "MANIFEST", "StagingDir", "check_out_dir", "check_writable", "is_artifact", "default_out_dir", "library_versions",
+           "save_onnx", "tensor_infos", "write_manifest"]
+
 # Past this size a protobuf cannot be serialized in one piece; weights go to an external file.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-ONNX_DTYPES = {1: "float32", 6: "int32", 7: "int64", 10: "float16", 16: "bfloat16"}
 VERSIONED_LIBRARIES = ("torch", "open_clip_torch", "onnx", "onnxscript", "onnxruntime", "onnxslim", "numpy")
 
 
@@ -48,24 +48,112 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def check_out_dir(out: Path, force: bool) -> None:
-    """Refuse an existing target unless --force; done before any work so nothing is written."""
-    if out.exists() and not force:
-        raise UsageError(f"{out} already exists; pass --force to replace it or --out to choose another directory")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} exists and is not a directory")
+def is_artifact(path: Path) -> bool:
+    """Whether `path` holds an artifact of ours: a manifest.json that parses to one."""
+    try:
+        data = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "format_version" in data
+
+
+def _is_replaceable(out: Path, is_ours: Callable[[Path], bool]) -> bool:
+    """An empty directory, or an earlier output of ours."""
+    try:
+        entries = list(out.iterdir())
+    except OSError:
+        return False
+    return not entries or is_ours(out)
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(out: Path, option: str = "--out") -> None:
+    """Refuse an output that cannot be written (read-only file system, no permission, a file in the
+    way) before any work, instead of an OSError after minutes of it."""
+    base = _nearest_existing(out.parent if out.name else out)
+    if not base.is_dir():
+        raise UsageError(f"{option} {out}: {base} is a file, not a directory")
+    try:
+        read_only = bool(os.statvfs(base).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only or not os.access(base, os.W_OK | os.X_OK):
+        why = "is on a read-only file system" if read_only else "is not writable by this user"
+        raise UsageError(f"{option} {out}: {base} {why}; choose another directory")
+
+
+def check_out_dir(out: Path, force: bool, is_ours: Callable[[Path], bool] = is_artifact,
+                  option: str = "--out") -> None:
+    """Refuse a target that cannot or must not be replaced, before any work, so nothing is written.
+
+    An existing target is replaced only with --force, and only when it is empty or an earlier
+    output of ours (`is_ours`): --force never deletes a user's other files.
+    """
+    here = Path.cwd().resolve()
+    target = Path(os.path.abspath(out)).resolve()
+    if target == here or target in here.parents:
+        raise UsageError(f"{option} {out}: that is the current directory (or holds it), which a finished build "
+                         "would replace; name a new directory, e.g. engines/NAME")
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise UsageError(f"{out} exists and is not a directory")
+        if not force:
+            raise UsageError(f"{out} already exists; pass --force to replace it or {option} to choose another "
+                             "directory")
+        if not _is_replaceable(out, is_ours):
+            raise UsageError(f"{option} {out}: --force replaces only an earlier output of clipexport or an empty "
+                             f"directory, and {out} holds other files; choose another directory")
+    check_writable(out, option)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_staging(target: Path) -> list[Path]:
+    """Delete the staging and replaced directories of `target` left by builds that died (SIGKILL,
+    power loss): their names carry the builder's pid, and that process is gone. Returns them."""
+    parent = target.parent
+    if not parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(partial|replaced)-(?:(\d+)(?:-|$))?")
+    removed = []
+    for entry in parent.iterdir():
+        match = pattern.match(entry.name)
+        if not match or not entry.is_dir() or entry.is_symlink():
+            continue
+        pid = int(match.group(2)) if match.group(2) else None
+        # No pid: written by an older clipexport, whose staging names did not carry one.
+        if pid is None or (pid != os.getpid() and not _pid_alive(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 class StagingDir:
     """A hidden directory next to `target`; `commit()` renames it into place.
 
     Leaving the `with` block without commit (an error, Ctrl-C) deletes it, so a failed
-    build leaves no half-written artifact.
+    build leaves no half-written artifact. A process killed outright (SIGKILL) cannot clean
+    up: the next build of the same target removes what it left (remove_stale_staging).
     """
 
-    def __init__(self, target: Path, force: bool) -> None:
+    def __init__(self, target: Path, force: bool, is_ours: Callable[[Path], bool] = is_artifact) -> None:
         self.target = target
         self.force = force
+        self.is_ours = is_ours
         self.path: Path | None = None
         self._made_parent = False
 
@@ -73,7 +161,8 @@ class StagingDir:
         parent = self.target.parent
         self._made_parent = not parent.exists()
         parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=parent))
+        remove_stale_staging(self.target)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-{os.getpid()}-", dir=parent))
         # mkdtemp makes it private (0700); the artifact gets the permissions of a normal mkdir.
         umask = os.umask(0)
         os.umask(umask)
@@ -84,7 +173,7 @@ class StagingDir:
         assert self.path is not None
         old = None
         if self.target.exists():
-            check_out_dir(self.target, self.force)
+            check_out_dir(self.target, self.force, self.is_ours)
             old = self.target.parent / f".{self.target.name}.replaced-{os.getpid()}"
             self.target.rename(old)
         self.path.rename(self.target)
@@ -118,57 +207,9 @@ def save_onnx(model: Any, path: Path) -> list[str]:
     return [path.name, data_name]
 
 
-def tensor_infos(values: Any) -> list[dict[str, Any]]:
-    """Names, dtypes and shapes (symbolic axes by name) of graph inputs or outputs."""
-    out = []
-    for value in values:
-        t = value.type.tensor_type
-        shape: list[int | str] = [d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim]
-        out.append({"name": value.name, "dtype": ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), "shape": shape})
-    return out
-
-
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
     path = directory / MANIFEST
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     tmp.replace(path)
     return path
-
-
-def read_manifest(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / MANIFEST
-    if not Path(directory).is_dir():
-        raise ArtifactError(f"{directory} is not a directory (expected an artifact written by `clipexport build`)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ArtifactError(f"{directory} has no {MANIFEST}: not an artifact written by `clipexport build`") from None
-    except ValueError as exc:
-        raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
-    for key in ("format_version", "model", "precision", "towers", "files"):
-        if key not in manifest:
-            raise ArtifactError(f"{path} lacks the key {key!r}")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path} has format_version {manifest['format_version']}; this clipexport reads {FORMAT_VERSION}. "
-            "Rebuild the artifact."
-        )
-    return manifest
-
-
-def check_files(directory: Path, manifest: dict[str, Any]) -> list[str]:
-    """Check every file the manifest lists against its sha256; return the names checked.
-
-    Raises ArtifactError naming every missing or changed file.
-    """
-    problems = []
-    for name, expected in manifest["files"].items():
-        path = Path(directory) / name
-        if not path.is_file():
-            problems.append(f"{name} is missing")
-        elif file_sha256(path) != expected:
-            problems.append(f"{name} does not match its sha256 in {MANIFEST} (changed or truncated)")
-    if problems:
-        raise ArtifactError(f"{directory}: " + "; ".join(problems) + ". Rebuild it with `clipexport build`.")
-    return list(manifest["files"])

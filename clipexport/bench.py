@@ -21,7 +21,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from clipexport.artifacts import library_versions, read_manifest
+from clipexport.artifacts import library_versions
+from clipexport.manifest import open_artifact
 from clipexport.errors import UsageError
 from clipexport.progress import Progress
 
@@ -246,17 +247,17 @@ def run_bench(directory: Path, config: BenchConfig, progress: Progress | None = 
     progress = progress or Progress(quiet=True)
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is visible to PyTorch")
-    manifest = read_manifest(directory)
-    towers = [t for t in config.towers if t in manifest["towers"]]
+    manifest = open_artifact(directory)  # what runs is what the build verified
+    towers = [t for t in config.towers if t in manifest.towers]
     if not towers:
         raise UsageError(f"{directory} has none of the towers {list(config.towers)}")
-    weights = manifest["weights"]
+    weights = manifest.weights
     with progress.stage("load reference model"):
-        ref = load_reference(manifest["model"], weights["value"], int(weights["seed"]))
+        ref = load_reference(manifest.model, weights.value, weights.seed)
     with progress.stage("measure large-GEMM ceiling"):
         gemm = gemm_gflops(config.device)
     progress.say(f"    GEMM ceiling: {gemm['best_gflops']:.1f} GFLOP/s")
-    report = Report(str(directory), manifest["model"], manifest["precision"], environment(config.device), gemm)
+    report = Report(str(directory), manifest.model, manifest.precision, environment(config.device), gemm)
     tokenizer = ref.tokenizer()
 
     def make(tower: str, batch: int) -> Any:
@@ -268,14 +269,14 @@ def run_bench(directory: Path, config: BenchConfig, progress: Progress | None = 
     modules = {tower: ref.tower(tower) for tower in towers}
     tower_flops = {tower: _flops_per_item(modules[tower], make(tower, 1)) for tower in towers}
     for tower in towers:
-        info = manifest["towers"][tower]
+        entry = manifest.towers[tower]
         module = modules[tower]
         flops = tower_flops[tower]
         for batch in config.batches:
             batch_input = make(tower, batch)
             for backend in config.backends:
                 label = f"{tower} batch {batch} {backend}"
-                runner = _backend_runner(backend, module, directory / info["onnx"], info["inputs"][0]["name"],
+                runner = _backend_runner(backend, module, directory / entry.onnx, entry.input.name,
                                          batch_input, config.device)
                 if isinstance(runner, str):
                     report.rows.append(Row(tower, backend, batch, "skipped", reason=runner))

@@ -15,15 +15,14 @@ from clipexport import __version__, memory
 from clipexport.artifacts import (
     FORMAT_VERSION,
     StagingDir,
-    check_files,
     check_out_dir,
     default_out_dir,
     library_versions,
-    read_manifest,
     save_onnx,
     tensor_infos,
     write_manifest,
 )
+from clipexport.manifest import MIN_SEQUENCE, check_files, check_graphs, read_manifest
 from clipexport.errors import ClipExportError, ParityError, UnsupportedModelError, UsageError, WeightsError
 from clipexport.hashing import file_sha256
 from clipexport.models.architecture import HF_TEXT, families_of
@@ -104,40 +103,55 @@ class _Plan:
 
 
 def plan_build(options: BuildOptions) -> _Plan:
-    """Validate the request up front: bad input fails here, before any work or any file."""
+    """Validate the request up front: bad input fails here, before any work or any file.
+
+    Everything up to the model's parameter count is read without importing torch, so a typo
+    (model, tag, --out, --backend) is refused in a fraction of a second.
+    """
     from clipexport.trt.builder import EngineBuildOptions
     from clipexport.trt.pipeline import resolve_backend
 
-    # --backend tensorrt without TensorRT or a GPU fails here, before anything is loaded.
-    engines = resolve_backend(options.backend)
+    if options.precision not in PRECISIONS:
+        raise UsageError(f"--precision {options.precision!r}: this version builds {', '.join(PRECISIONS)}")
+    if options.out is not None:
+        check_out_dir(options.out, options.force)
+    # --backend tensorrt without TensorRT (or a GPU) fails here, before anything is loaded.
+    engines = resolve_backend(options.backend) if options.backend != "auto" else None
     EngineBuildOptions(options.builder_memory_limit, options.builder_optimization_level)  # range checks
     name = canonical_name(options.model)
     cfg = model_config(name)
     recipe = recipe_for(families_of(cfg), name)
     if families_of(cfg).text == HF_TEXT and (reason := missing_config_reason(cfg["text_cfg"])):
         raise UnsupportedModelError(f"{name}: unsupported: {reason}")
-    if options.precision not in PRECISIONS:
-        raise UsageError(f"--precision {options.precision!r}: this version builds {', '.join(PRECISIONS)}")
     recipe.tolerance(options.precision)
     towers = tuple(dict.fromkeys(options.towers))
     bad = [t for t in towers if t not in recipe.towers]
     if bad or not towers:
         raise UsageError(f"--towers: unknown tower {bad[0] if bad else '(none)'}; choose from {', '.join(recipe.towers)}")
-    from clipexport.passes import pass_names
+    unknown_passes: list[str] = []
+    if options.disabled_passes:  # the pass registry imports onnx: only when there is something to check
+        from clipexport.passes import pass_names
 
-    unknown_passes = sorted(set(options.disabled_passes) - set(pass_names()))
+        unknown_passes = sorted(set(options.disabled_passes) - set(pass_names()))
     if unknown_passes:
         raise UsageError(f"unknown pass {unknown_passes[0]!r}; passes are: {', '.join(pass_names())}")
+    batch = options.batch or recipe.batch
+    if batch.min == batch.max and options.precision in CALIBRATED:
+        raise UsageError(f"--batch {batch}: a fixed batch builds fp32 and bf16 graphs; {options.precision} "
+                         f"calibrates one item at a time, which a graph fixed at {batch.min} rows cannot run. "
+                         f"Use a range such as 1:{batch.max}:{batch.max}")
     weights = parse_pretrained(options.pretrained or default_pretrained(name), options.seed, known_tags(name), name)
     out = options.out or default_out_dir(name, weights.label, options.precision)
     check_out_dir(out, options.force)
+    if engines is None:  # auto: looking for a GPU imports torch, so only now
+        engines = resolve_backend(options.backend)
     parameters = _parameters(name, cfg)
     per_tower = _large_towers(name, cfg, towers, options, parameters)
     if parameters is not None and options.memory_check:
         need = memory.least_memory(parameters, towers, options.large_tower_bytes, per_tower)
         memory.check_fits(name, need, memory.available_bytes())
-    return _Plan(name=name, recipe=recipe, towers=towers, batch=options.batch or recipe.batch, out=out,
-                 engines=engines, per_tower=per_tower)
+    return _Plan(name=name, recipe=recipe, towers=towers, batch=batch, out=out, engines=engines,
+                 per_tower=per_tower)
 
 
 def _parameters(name: str, cfg: dict[str, Any]) -> dict[str, int] | None:
@@ -174,9 +188,10 @@ def _large_towers(name: str, cfg: dict[str, Any], towers: Sequence[str], options
 
 
 def parity_batch_sizes(recipe: Recipe, batch: BatchRange) -> list[int]:
-    """The recipe's parity batch sizes that fit the build's range, plus its smallest batch."""
+    """The recipe's parity batch sizes that fit the build's range, plus its smallest and largest
+    batch: a range is only claimed as far as it was verified (BatchRange bounds MAX)."""
     sizes = {b for b in recipe.parity_batch_sizes if batch.min <= b <= batch.max}
-    sizes.add(batch.min)
+    sizes.update((batch.min, batch.max))
     return sorted(sizes)
 
 
@@ -360,7 +375,7 @@ def tower_engine(
     previous_dir, previous = None, None
     if plan.out.is_dir():  # --force over an earlier build: its engines may still fit
         try:
-            previous, previous_dir = read_manifest(plan.out), plan.out
+            previous, previous_dir = read_manifest(plan.out).to_json(), plan.out
         except ClipExportError:
             pass
     inputs = image_inputs(sizes, ref.image_size, options.seed) if tower == "image" else text_inputs(
@@ -382,6 +397,9 @@ def tower_engine(
 
 def build(options: BuildOptions, progress: Progress | None = None) -> BuildResult:
     """Build, verify and write an artifact directory; on any failure nothing is left at the target."""
+    progress = progress or Progress(quiet=True)
+    plan = plan_build(options)  # before torch loads: bad input is refused in a fraction of a second
+
     import onnx
 
     from clipexport.export import export_tower, export_tower_to_file, external_files, optimize_external
@@ -390,8 +408,6 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     from clipexport.passes.external_precision import EXTERNAL_PRECISIONS, lower_external_precision
     from clipexport.passes.fuse_attention import check_unfused
 
-    progress = progress or Progress(quiet=True)
-    plan = plan_build(options)
     started = time.perf_counter()
     progress.say(f"clipexport build {plan.name} (recipe {plan.recipe.name}, towers {', '.join(plan.towers)}, "
                  f"batch {plan.batch}, {options.precision}) -> {plan.out}")
@@ -550,7 +566,7 @@ def _releaser(ref: ReferenceModel, tower: str) -> Callable[[], None] | None:
 def _sequence_json(trim: bool, reason: str, context_length: int, pad_id: int = 0) -> dict[str, Any]:
     """How the runtime may cut token ids: the contract behind the input shape [batch, sequence]."""
     if trim:
-        return {"axis": "sequence", "min": 2, "max": context_length, "pad_id": pad_id,
+        return {"axis": "sequence", "min": MIN_SEQUENCE, "max": context_length, "pad_id": pad_id,
                 "trim": "the batch's last column holding a non-pad id, + 1 (for CLIP ids: max EOT position + 1)"}
     return {"axis": None, "length": context_length, "trim": None, "reason": reason}
 
@@ -619,34 +635,38 @@ def verify_artifact(directory: Path, progress: Progress | None = None, files_onl
     """
     progress = progress or Progress(quiet=True)
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    manifest = read_manifest(directory)  # a malformed manifest is refused before any progress line
     with progress.stage("check files against manifest sha256"):
-        checked = check_files(directory, manifest)
-    result: dict[str, Any] = {"files": checked, "parity": {}}
+        check_files(directory, manifest)
+        check_graphs(directory, manifest)
+    result: dict[str, Any] = {"files": list(manifest.files), "parity": {}}
     if files_only:
         return result
-    weights = manifest["weights"]
-    if weights["kind"] == FILE:
-        path = Path(weights["value"])
+    weights = manifest.weights
+    if weights.kind == FILE:
+        path = Path(weights.value)
         if not path.is_file():
             raise WeightsError(f"the checkpoint this artifact was built from is gone: {path} (use --files-only)")
-        if file_sha256(path) != weights["sha256"]:
+        if file_sha256(path) != weights.sha256:
             raise WeightsError(f"the checkpoint {path} changed since the build (sha256 differs)")
     with progress.stage("load reference model"):
-        ref = load_reference(manifest["model"], weights["value"], int(weights["seed"]),
+        ref = load_reference(manifest.model, weights.value, weights.seed,
                              per_tower=manifest.get("loading") == "per-tower")
     recipe = recipe_for(ref.families, ref.name)
-    for tower, info in manifest["towers"].items():
+    # The gate is the installed recipe's tolerance for this precision, never the one the manifest
+    # carries: a manifest is input, and its numbers can be edited.
+    tol = recipe.tolerance(manifest.precision)
+    sizes = parity_batch_sizes(recipe, BatchRange(manifest.batch.min, manifest.batch.opt, manifest.batch.max))
+    for tower, entry in manifest.towers.items():
         spec = recipe.towers[tower]
-        tol = Tolerance(**info["parity"]["tolerance"])
-        sizes = manifest["parity_batch_sizes"]
         with progress.stage(f"verify {tower} tower"):
-            trim = (info.get("sequence") or {}).get("axis") == "sequence"
+            sequence = entry.sequence
             ref.materialize(tower)
-            parity = tower_parity(ref, tower, _tower_module(ref, tower), directory / info["onnx"], spec, tol,
-                                  sizes, int(weights["seed"]), manifest["precision"], trim=trim,
-                                  pad_id=int((info.get("sequence") or {}).get("pad_id", 0)),
-                                  anchors=None if ref.per_tower else _anchors(ref, tower, int(weights["seed"])),
+            parity = tower_parity(ref, tower, _tower_module(ref, tower), directory / entry.onnx, spec, tol,
+                                  sizes, weights.seed, manifest.precision,
+                                  trim=bool(sequence and sequence.dynamic),
+                                  pad_id=sequence.pad_id if sequence else 0,
+                                  anchors=None if ref.per_tower else _anchors(ref, tower, weights.seed),
                                   release=_releaser(ref, tower))
         progress.say(f"    {parity.summary()}")
         result["parity"][tower] = parity

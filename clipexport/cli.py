@@ -14,9 +14,12 @@ from clipexport.distributed.command import embed_dataset_command
 from clipexport.errors import ClipExportError
 from clipexport.triton.command import triton as triton_command
 
+PRECISION_NAMES = ["fp32", "fp16", "bf16", "int8", "fp8"]
+
 EPILOG_BUILD = """\b
 Examples:
   clipexport build ViT-B-32 --pretrained none          # offline: seeded random weights
+  clipexport build ViT-L-14 --fp16 --pretrained none   # fp16 graphs (same as --precision fp16)
   clipexport build ViT-L-14 --pretrained datacomp_xl_s13b_b90k
   clipexport build RN50 --pretrained ./rn50.safetensors --towers image --batch 1:16:128
   clipexport build local-dir:./my-clip --pretrained none --out /tmp/my-clip
@@ -60,10 +63,15 @@ def cli() -> None:
                    "for seeded random weights. Default: the model's first published tag.")
 @click.option("--towers", default="image,text", show_default=True, metavar="LIST",
               help="Comma-separated towers to build: image, text or both.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "fp8"]), default="fp32",
-              show_default=True,
+@click.option("--precision", type=click.Choice(PRECISION_NAMES, case_sensitive=False), default=None,
               help="Numeric precision written into the graphs: fp16/bf16 (LayerNorm, softmax and the final "
-                   "projection stay fp32), int8/fp8 (Q/DQ, per-channel weights, calibrated activations).")
+                   "projection stay fp32), int8/fp8 (Q/DQ, per-channel weights, calibrated activations). "
+                   "Default: fp32.")
+@click.option("--fp32", "flag_fp32", is_flag=True, help="Same as --precision fp32.")
+@click.option("--fp16", "flag_fp16", is_flag=True, help="Same as --precision fp16 (trtexec's and polygraphy's spelling).")
+@click.option("--bf16", "flag_bf16", is_flag=True, help="Same as --precision bf16.")
+@click.option("--int8", "flag_int8", is_flag=True, help="Same as --precision int8.")
+@click.option("--fp8", "flag_fp8", is_flag=True, help="Same as --precision fp8.")
 @click.option("--batch", metavar="MIN:OPT:MAX", help="Dynamic batch range, e.g. 1:8:64. Default: the recipe's.")
 @click.option("--out", type=click.Path(path_type=Path), metavar="DIR",
               help="Output directory. Default: engines/<MODEL>-<pretrained>-<precision>.")
@@ -100,12 +108,18 @@ def cli() -> None:
               help="Try the build even when the least memory it needs (counted from the model's size before "
                    "anything loads) exceeds what this machine has available.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the output directory.")
-def build(model: str, pretrained: str | None, towers: str, precision: str, batch: str | None, out: Path | None,
+def build(model: str, pretrained: str | None, towers: str, precision: str | None, flag_fp32: bool, flag_fp16: bool,
+          flag_bf16: bool, flag_int8: bool, flag_fp8: bool, batch: str | None, out: Path | None,
           force: bool, seed: int, no_simplify: bool, no_fuse_attention: bool, calibration_images: Path | None,
           calibration_prompts: Path | None, accept_parity_failure: bool, backend: str, no_rebuild: bool,
           builder_memory_limit: int | None, builder_optimization_level: int | None, timing_cache: Path | None,
           external_data: bool, no_memory_check: bool, quiet: bool) -> None:
     """Build and verify ONNX towers of MODEL (see `clipexport list`)."""
+    flags = [name for name, on in zip(PRECISION_NAMES, (flag_fp32, flag_fp16, flag_bf16, flag_int8, flag_fp8)) if on]
+    asked = sorted({*flags, *([precision.lower()] if precision else [])})
+    if len(asked) > 1:
+        _fail(ClipExportError(f"precision given twice: {' and '.join(asked)}; choose one"))
+    precision = asked[0] if asked else "fp32"
     from clipexport.build import BuildOptions
     from clipexport.build import build as run_build
     from clipexport.progress import Progress
@@ -172,33 +186,20 @@ def list_models(show_all: bool) -> None:
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 def info(directory: Path, as_json: bool) -> None:
-    """Summarize the manifest of an artifact DIRECTORY."""
-    from clipexport.artifacts import read_manifest
+    """Summarize the manifest of an artifact DIRECTORY (checked as every command checks it)."""
+    from clipexport.manifest import check_graphs, read_manifest
 
     try:
         manifest = read_manifest(directory)
+        check_graphs(directory, manifest)  # cheap (no weights read); hashes are `verify --files-only`'s job
     except ClipExportError as exc:
         _fail(exc)
     if as_json:
-        click.echo(json.dumps(manifest, indent=2))
+        click.echo(json.dumps(manifest.to_json(), indent=2))
         return
-    weights = manifest.get("weights", {})
-    click.echo(f"{directory}: {manifest['model']} ({manifest.get('recipe')}), weights {weights.get('kind')} "
-               f"{weights.get('value')}, {manifest['precision']}, batch {manifest.get('batch')}")
-    click.echo(f"built {manifest.get('created')} with clipexport {manifest.get('clipexport_version')}, "
-               f"torch {manifest['versions'].get('torch')}, onnx {manifest['versions'].get('onnx')}, "
-               f"onnxruntime {manifest['versions'].get('onnxruntime')}")
-    for tower, t in manifest["towers"].items():
-        ins = ", ".join(f"{i['name']} {i['dtype']}{i['shape']}" for i in t["inputs"])
-        outs = ", ".join(f"{o['name']} {o['dtype']}{o['shape']}" for o in t["outputs"])
-        p = t["parity"]
-        passes = ", ".join(f"{r['name']} {r['status']} {r['nodes_before']}->{r['nodes_after']}" for r in t["passes"])
-        click.echo(f"  {tower}: {t['onnx']}  {ins} -> {outs}")
-        click.echo(f"    passes: {passes or 'none'}")
-        click.echo(f"    parity ({p['backend']}): cosine_min {p['cosine_min']:.7f}, max_abs_err {p['max_abs_err']:.3g}, "
-                   f"max_rel_err {p['max_rel_err']:.3g}, {'passed' if p['passed'] else 'FAILED'}")
-    if manifest.get("parity_accepted_by_user"):
-        click.echo("  warning: built with --accept-parity-failure")
+    from clipexport.info import describe
+
+    click.echo(describe(directory, manifest))
 
 
 @cli.command()
@@ -214,8 +215,9 @@ def verify(directory: Path, files_only: bool, quiet: bool) -> None:
         result = verify_artifact(directory, Progress(quiet=quiet), files_only=files_only)
     except ClipExportError as exc:
         _fail(exc)
-    towers = ", ".join(result["parity"]) or "skipped"
-    click.echo(f"ok: {len(result['files'])} files match their sha256; parity: {towers}")
+    towers = ", ".join(result["parity"]) or "skipped (--files-only)"
+    click.echo(f"ok: {len(result['files'])} files match their sha256; parity (this clipexport's tolerance for "
+               f"the precision): {towers}")
 
 
 @cli.command()
@@ -223,10 +225,13 @@ def verify(directory: Path, files_only: bool, quiet: bool) -> None:
 @click.option("--backends", default="torch,onnxruntime", show_default=True,
               help="Comma-separated: torch, torch-compile, onnxruntime, tensorrt. Unavailable ones are "
                    "reported as skipped with the reason.")
-@click.option("--batch", "batches", default="1,8,32", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--batch", "--batches", "batches", default="1,8,32", show_default=True, metavar="LIST",
+              help="Batch sizes to time, comma-separated (a list: each is timed; `build --batch` is a range).")
 @click.option("--tower", type=click.Choice(["image", "text", "both"]), default="both", show_default=True)
-@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs before timing.")
-@click.option("--iters", type=int, default=10, show_default=True, help="Timed runs per backend and batch.")
+@click.option("--warm-up", "--warmup", "warmup", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Untimed runs before timing (polygraphy's --warm-up; --warmup also works).")
+@click.option("--iterations", "--iters", "iters", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Timed runs per backend and batch (trtexec's --iterations; --iters also works).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--pretrained", default="none", show_default=True,
               help="When DIR_OR_MODEL is a model name: the weights of the fp32 artifact built first.")
@@ -351,6 +356,11 @@ def embed(directory: Path, images: tuple[Path, ...], texts: tuple[str, ...], tex
                              f"{out.with_suffix('.npz')}), with arrays image, text, image_paths, texts")
         if not out.parent.is_dir():
             raise UsageError(f"--out {out}: the directory {out.parent} does not exist")
+        from clipexport.artifacts import check_writable
+
+        check_writable(out)
+        if out.is_dir():
+            raise UsageError(f"--out {out}: is a directory; name a .npy or .npz file")
         runtime = load(directory, backend=backend, device=device)
         normalize = not no_normalize
         arrays: dict[str, np.ndarray] = {}

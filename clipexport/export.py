@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipexport.errors import ExportError
+from clipexport.manifest import MIN_SEQUENCE
 from clipexport.recipes import BatchRange, TowerSpec
 
 
@@ -208,17 +209,21 @@ def _trace(
 ) -> torch.onnx.ONNXProgram:
     if fuse_attention and opset < 23:
         raise ExportError(f"fused attention needs opset >= 23 (ONNX Attention); the recipe says {opset}")
-    if example.shape[0] < 2 and batch.max >= 2:
-        # torch.export specializes a dimension whose example size is 1.
-        example = example.expand(2, *example.shape[1:]).contiguous()
     axes: dict[int, torch.export.Dim] = {}
-    if batch.max > 1:
+    if batch.min == batch.max:
+        # A fixed batch (static engines): the graph takes exactly that many rows.
+        rows = batch.min
+    else:
+        # torch.export specializes a dimension whose example size is 1; the example must lie in the range.
+        rows = min(max(2, batch.min), batch.max)
         axes[0] = torch.export.Dim("batch", min=batch.min, max=batch.max)
+    if example.shape[0] != rows:
+        example = example[:1].expand(rows, *example.shape[1:]).contiguous()
     if max_sequence is not None:
         if example.shape[1] != max_sequence:
             raise ExportError(f"trimmable text export needs a full-length example ({max_sequence} columns)")
-        # min 2: SOT + EOT is the shortest tokenized text; 1 would be specialized away anyway.
-        axes[1] = torch.export.Dim("sequence", min=2, max=max_sequence)
+        # SOT + EOT is the shortest tokenized text; 1 would be specialized away anyway.
+        axes[1] = torch.export.Dim("sequence", min=MIN_SEQUENCE, max=max_sequence)
     dynamic_shapes = (axes,) if axes else None
     tower.eval()
     attention = contextlib.nullcontext() if fuse_attention else unfused_attention()

@@ -17,6 +17,7 @@ from typing import Any
 import tomllib
 
 from clipexport.errors import RecipeError, UnsupportedModelError, UsageError
+from clipexport.manifest import MAX_BATCH
 from clipexport.models.architecture import HF_TEXT, Families
 
 TOWERS = ("image", "text")
@@ -42,6 +43,9 @@ class BatchRange:
             raise UsageError(f"batch range {self}: the smallest batch must be at least 1")
         if not self.min <= self.opt <= self.max:
             raise UsageError(f"batch range {self}: need MIN <= OPT <= MAX")
+        if self.max > MAX_BATCH:
+            raise UsageError(f"batch range {self}: the largest batch clipexport builds is {MAX_BATCH}, since every "
+                             "build verifies parity at its MAX batch; use a MAX of at most that")
 
     def __str__(self) -> str:
         return f"{self.min}:{self.opt}:{self.max}"

@@ -22,6 +22,7 @@ from typing import Any
 from clipexport.errors import BackendUnavailableError, UsageError
 from clipexport.distributed.inputs import RAY_EXTRA_HINT, InputPlan, plan_inputs
 from clipexport.hashing import file_sha256
+from clipexport.manifest import Manifest
 from clipexport.progress import Progress
 
 DTYPES = ("float32", "float16")
@@ -92,14 +93,14 @@ class EmbedDatasetResult:
 
 def manifest_sha256(artifact: Path) -> str:
     """The sha256 of the artifact's manifest.json: it names every file's sha256, so it names the artifact."""
-    from clipexport.artifacts import MANIFEST
+    from clipexport.manifest import MANIFEST
 
     return file_sha256(Path(artifact) / MANIFEST)
 
 
-def check_options(options: EmbedDatasetOptions) -> dict[str, Any]:
+def check_options(options: EmbedDatasetOptions) -> Manifest:
     """Validate options against the artifact before Ray starts; returns the manifest."""
-    from clipexport.artifacts import check_files, read_manifest
+    from clipexport.manifest import open_artifact, read_manifest
 
     if options.tower not in ("image", "text"):
         raise UsageError(f"--tower {options.tower!r}: expected image or text")
@@ -114,11 +115,11 @@ def check_options(options: EmbedDatasetOptions) -> dict[str, Any]:
     if options.resume and options.force:
         raise UsageError("--resume keeps finished shards and --force deletes them: give one")
     manifest = read_manifest(options.artifact)
-    if options.tower not in manifest["towers"]:
+    if options.tower not in manifest.towers:
         raise UsageError(f"{options.artifact} has no {options.tower} tower (it has: "
-                         f"{', '.join(manifest['towers'])}); rebuild with --towers image,text")
-    check_files(options.artifact, manifest)  # fail here, not in every actor
-    batch_max = int((manifest.get("batch") or {}).get("max", 1 << 30))
+                         f"{', '.join(manifest.towers)}); rebuild with --towers image,text")
+    manifest = open_artifact(options.artifact)  # files and graphs checked here, not in every actor
+    batch_max = manifest.batch.max
     if options.batch_size > batch_max:
         raise UsageError(f"--batch-size {options.batch_size}: {options.artifact} was built and verified for "
                          f"batches up to {batch_max} (rebuild with --batch MIN:OPT:MAX to go higher)")

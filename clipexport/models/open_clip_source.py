@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from clipexport.errors import UnknownModelError, WeightsError
-from clipexport.models import hf_clip
+from clipexport.models import hf_clip, registry
 from clipexport.models.architecture import (
     HF_CLIP_VISION,
     HF_TEXT,
@@ -37,8 +37,6 @@ OFFLINE_HINT = (
 
 def canonical_name(name: str) -> str:
     """Resolve a user's model name to open_clip's, or raise with the closest matches."""
-    import open_clip
-
     if hf_clip.is_hf_name(name):
         return hf_clip.resolve(name)
     if name.startswith(LOCAL_DIR):
@@ -51,7 +49,7 @@ def canonical_name(name: str) -> str:
             f"{name}: hf-hub models are read from the Hugging Face hub. Download the repository "
             "(open_clip_config.json and weights) and build it with `local-dir:PATH` instead."
         )
-    known = open_clip.list_models()
+    known = registry.list_models()
     # OpenAI writes ViT-B/32 and ViT-L/14@336px where open_clip writes ViT-B-32 and ViT-L-14-336.
     candidates = [name, name.replace("/", "-").replace("@336px", "-336")]
     for candidate in candidates:
@@ -68,8 +66,6 @@ def canonical_name(name: str) -> str:
 
 def model_config(name: str) -> dict[str, Any]:
     """open_clip's config dict of a canonical model name."""
-    import open_clip
-
     if hf_clip.is_hf_name(name):
         return hf_clip.model_config(name)
     if name.startswith(LOCAL_DIR):
@@ -82,18 +78,16 @@ def model_config(name: str) -> dict[str, Any]:
         if not isinstance(cfg, dict) or "vision_cfg" not in cfg or "text_cfg" not in cfg:
             raise UnknownModelError(f"{path}: not an open_clip config (needs vision_cfg and text_cfg)")
         return cfg
-    cfg = open_clip.get_model_config(name)
+    cfg = registry.get_model_config(name)
     if cfg is None:
         raise UnknownModelError(f"unknown model {name!r}")
     return cfg
 
 
 def known_tags(name: str) -> list[str]:
-    import open_clip
-
     if name.startswith(LOCAL_DIR) or hf_clip.is_hf_name(name):
         return []
-    return list(open_clip.list_pretrained_tags_by_model(name))
+    return registry.list_pretrained_tags_by_model(name)
 
 
 def default_pretrained(name: str) -> str:

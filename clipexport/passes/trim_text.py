@@ -28,7 +28,8 @@ def trim_text(model: onnx.ModelProto, cfg: PassConfig) -> onnx.ModelProto:
     (ids,) = model.graph.input
     tensor = ids.type.tensor_type
     dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
-    if dims != ["batch", SEQUENCE_AXIS]:
+    # The batch axis is "batch", or a fixed size when the build asked for a fixed batch (MIN == MAX).
+    if len(dims) != 2 or dims[1] != SEQUENCE_AXIS or not (dims[0] == "batch" or isinstance(dims[0], int)):
         raise PassError(f"trimmable text graph: token ids have shape {dims}, expected ['batch', '{SEQUENCE_AXIS}']")
     if tensor.elem_type not in _INTEGER_TYPES:
         raise PassError("trimmable text graph: token ids are not integers")

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from clipexport.artifacts import check_files, read_manifest
 from clipexport.errors import ArtifactError, InputError, UsageError
+from clipexport.manifest import Manifest, TowerEntry, open_artifact
 from clipexport.runtime.backends import Backend, open_backend
 from clipexport.runtime.preprocess import ImageInput, ImagePreprocessor, PreprocessConfig, as_image_list
 from clipexport.runtime.hf_tokenizer import HFRuntimeTokenizer
@@ -35,15 +35,12 @@ class _TowerIO:
     embed_dim: int | None
 
     @classmethod
-    def from_manifest(cls, tower: str, info: Mapping[str, Any]) -> _TowerIO:
-        try:
-            (inp,) = info["inputs"]
-            out = info["outputs"][0]
-            dtype = _NUMPY_DTYPES[inp["dtype"]]
-        except (KeyError, ValueError, IndexError, TypeError) as exc:
-            raise ArtifactError(f"manifest towers.{tower}: inputs/outputs malformed or unsupported ({exc!r})") from None
-        dim = out["shape"][-1] if out.get("shape") else None
-        return cls(inp["name"], dtype, tuple(inp["shape"]), dim if isinstance(dim, int) else None)
+    def from_manifest(cls, entry: TowerEntry) -> _TowerIO:
+        dtype = _NUMPY_DTYPES.get(entry.input.dtype)
+        if dtype is None:
+            raise ArtifactError(f"manifest towers.{entry.name}: input dtype {entry.input.dtype} is not supported "
+                                "by this runtime")
+        return cls(entry.input.name, dtype, entry.input.shape, entry.embed_dim)
 
 
 class Runtime:
@@ -59,27 +56,25 @@ class Runtime:
         towers:   the towers loaded, e.g. ("image", "text")
     """
 
-    def __init__(self, directory: Path, manifest: Mapping[str, Any], backend: Backend,
+    def __init__(self, directory: Path, manifest: Manifest, backend: Backend,
                  skipped_backends: Mapping[str, str] | None = None) -> None:
         self.directory = Path(directory)
         self.manifest = manifest
-        self.model: str = manifest["model"]
-        self.precision: str = manifest["precision"]
+        self.model: str = manifest.model
+        self.precision: str = manifest.precision
         self._backend = backend
         self.backend: str = backend.name
         self.device: str = backend.device
         self.skipped_backends = dict(skipped_backends or {})
         self.towers: tuple[str, ...] = tuple(t for t in ("image", "text") if t in backend.towers)
-        self._io = {t: _TowerIO.from_manifest(t, manifest["towers"][t]) for t in self.towers}
-        batch = manifest.get("batch") or {}
-        self.batch_min = int(batch.get("min", 1))
-        self.batch_max = int(batch.get("max", 1 << 30))
+        self._io = {t: _TowerIO.from_manifest(manifest.towers[t]) for t in self.towers}
+        self.batch_min = manifest.batch.min
+        self.batch_max = manifest.batch.max
 
         self._preprocessor: ImagePreprocessor | None = None
         if "image" in self.towers:
-            if "preprocess" not in manifest:
-                raise ArtifactError(f"{directory}: manifest has an image tower but no preprocess section")
-            self._preprocessor = ImagePreprocessor(PreprocessConfig.from_manifest(manifest["preprocess"]))
+            assert manifest.preprocess is not None  # Manifest.from_json requires it with an image tower
+            self._preprocessor = ImagePreprocessor(PreprocessConfig.from_manifest(manifest.preprocess))
             expected = (3, *self._preprocessor.size)
             static = self._io["image"].shape[1:]
             if all(isinstance(s, int) for s in static) and tuple(static) != expected:
@@ -91,9 +86,8 @@ class Runtime:
         self.trims_text = False
         self._pad_id = 0
         if "text" in self.towers:
-            if "tokenizer" not in manifest:
-                raise ArtifactError(f"{directory}: manifest has a text tower but no tokenizer section")
-            section = manifest["tokenizer"]
+            section = manifest.tokenizer
+            assert section is not None  # Manifest.from_json requires it with a text tower
             self._context_length = int(section.get("context_length", 77))
             if section.get("kind") == "hf":
                 self._tokenizer = HFRuntimeTokenizer.from_manifest(self.directory, section)
@@ -110,10 +104,10 @@ class Runtime:
                                     f"{self._context_length}")
             # A symbolic sequence axis means the graph was exported for exact trimming: after EOT for
             # CLIP BPE ids (0 pads after EOT), after the longest unpadded row for Hugging Face ids.
-            sequence = manifest["towers"]["text"].get("sequence") or {}
-            self._pad_id = int(sequence.get("pad_id", 0))
-            self.trims_text = (isinstance(shape[1], str) and backend.dynamic_text_length
-                               and sequence.get("axis") == "sequence")
+            sequence = manifest.towers["text"].sequence
+            assert sequence is not None
+            self._pad_id = sequence.pad_id
+            self.trims_text = isinstance(shape[1], str) and backend.dynamic_text_length and sequence.dynamic
 
     # -- properties ------------------------------------------------------------------------
 
@@ -192,6 +186,11 @@ class Runtime:
                              f"{_describe(pixels)}; use encode_image() for images, or .astype(np.float32)")
         if pixels.ndim != 4 or pixels.shape[1:] != (3, h, w):
             raise InputError(f"pixels: expected shape [N, 3, {h}, {w}], got {list(pixels.shape)}")
+        finite = np.isfinite(pixels).all(axis=(1, 2, 3))
+        if not finite.all():
+            rows = np.flatnonzero(~finite)
+            raise InputError(f"pixels: rows {rows[:10].tolist()}{' ...' if len(rows) > 10 else ''} hold NaN or "
+                             "infinite values (a broken preprocessing step?); their embeddings would be NaN")
         size = self._batch_size(batch_size)
         chunks = [self._run("image", pixels[i:i + size]) for i in range(0, len(pixels), size)]
         return self._finish(chunks, "image", normalize)
@@ -260,10 +259,11 @@ class Runtime:
         text = text.reshape(len(labels), len(templates), -1).mean(axis=1)
         text = _unit(text)
         image = self.encode_image(images, batch_size=batch_size, normalize=True)
-        scale = float(logit_scale if logit_scale is not None else self.manifest.get("logit_scale", DEFAULT_LOGIT_SCALE))
+        default = self.manifest.logit_scale if self.manifest.logit_scale is not None else DEFAULT_LOGIT_SCALE
+        scale = float(logit_scale if logit_scale is not None else default)
         logits = scale * (image @ text.T)
-        if self.manifest.get("logit_bias") is not None:
-            logits = logits + float(self.manifest["logit_bias"])
+        if self.manifest.logit_bias is not None:
+            logits = logits + self.manifest.logit_bias
         logits = logits - logits.max(axis=1, keepdims=True) if len(logits) else logits
         probs = np.exp(logits)
         return (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
@@ -365,11 +365,7 @@ def load(path: str | Path, backend: str = "auto", device: str | None = None) -> 
     The Runtime's `backend` and `device` say what actually runs.
     """
     directory = Path(path)
-    manifest = read_manifest(directory)
-    check_files(directory, manifest)
-    towers = manifest.get("towers")
-    if not isinstance(towers, dict) or not towers or set(towers) - {"image", "text"}:
-        raise ArtifactError(f"{directory}: manifest towers {sorted(towers or [])!r}: expected image and/or text")
+    manifest = open_artifact(directory)
     if manifest.get("parity_accepted_by_user"):
         # Built with --accept-parity-failure: usable, but its numbers were outside the recipe's tolerance.
         warnings.warn(f"{directory} failed its parity check and was kept with --accept-parity-failure; "

@@ -28,7 +28,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from clipexport import __version__
-from clipexport.artifacts import StagingDir, check_files, check_out_dir, read_manifest
+from clipexport.artifacts import StagingDir, check_out_dir
+from clipexport.manifest import check_files, check_graphs, read_manifest
 from clipexport.errors import ArtifactError, UsageError
 from clipexport.triton.config import (
     PLATFORM_ONNX,
@@ -119,21 +120,34 @@ def write_repository(directory: Path, options: TritonOptions) -> RepositoryResul
     instances = Instances(options.instances, options.kind)
     manifest = read_manifest(directory)
     towers = _select_towers(directory, manifest, options.towers)
-    check_out_dir(out, options.force)
+    check_out_dir(out, options.force, is_repository)
     _refuse_overlap(directory, out)
     model_config_pb2()  # tritonclient missing: say so before hashing gigabytes
     check_files(directory, manifest)
+    check_graphs(directory, manifest)  # an encoder pointed at the other tower's graph is refused here
 
     batching = Batching.from_manifest(manifest.get("batch"), options.max_queue_delay_us)
     plans = [_plan_tower(directory, manifest, tower, options) for tower in towers]
     notes = [note for plan in plans for note in plan.notes]
 
-    with StagingDir(out, options.force) as staging:
+    with StagingDir(out, options.force, is_repository) as staging:
         assert staging.path is not None
         for plan in plans:
             _write_tower(directory, staging.path, plan, batching, instances)
         staging.commit()
     return RepositoryResult(out, tuple(p.models for p in plans), tuple(notes))
+
+
+def is_repository(path: Path) -> bool:
+    """Whether `path` is a model repository written by `clipexport triton` (--force may replace it)."""
+    for config in path.glob("*/config.pbtxt"):
+        try:
+            with open(config, encoding="utf-8", errors="replace") as fh:
+                if "written by clipexport" in fh.read(400):
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def _select_towers(directory: Path, manifest: Mapping[str, Any], wanted: tuple[str, ...] | None) -> list[str]:

@@ -17,13 +17,14 @@ A new backend (e.g. clipexport.trt's engine runner) plugs in with `register_back
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from clipexport.errors import BackendUnavailableError, UsageError
+from clipexport.manifest import Manifest
 
 
 class Backend(abc.ABC):
@@ -54,7 +55,7 @@ class Backend(abc.ABC):
 
 
 #: factory(directory, manifest, device) -> Backend; raises BackendUnavailableError when it cannot run here.
-BackendFactory = Callable[[Path, Mapping[str, Any], "str | None"], Backend]
+BackendFactory = Callable[[Path, Manifest, "str | None"], Backend]
 
 _FACTORIES: dict[str, BackendFactory] = {}
 #: The order "auto" tries.
@@ -88,7 +89,7 @@ def parse_device(device: str | None) -> tuple[str, int] | None:
 
 
 def open_backend(
-    name: str, directory: Path, manifest: Mapping[str, Any], device: str | None = None
+    name: str, directory: Path, manifest: Manifest, device: str | None = None
 ) -> tuple[Backend, dict[str, str]]:
     """Open the named backend ("auto": the first that works); return it and {skipped name: reason}."""
     parse_device(device)  # a malformed device is a usage error before anything loads
@@ -106,19 +107,19 @@ def open_backend(
     raise BackendUnavailableError(f"no backend can run {directory} here ({reasons})")
 
 
-def _onnxruntime(directory: Path, manifest: Mapping[str, Any], device: str | None) -> Backend:
+def _onnxruntime(directory: Path, manifest: Manifest, device: str | None) -> Backend:
     from clipexport.runtime.backends.ort_backend import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(directory, manifest, device)
 
 
-def _pytorch(directory: Path, manifest: Mapping[str, Any], device: str | None) -> Backend:
+def _pytorch(directory: Path, manifest: Manifest, device: str | None) -> Backend:
     from clipexport.runtime.backends.torch_backend import TorchBackend
 
     return TorchBackend(directory, manifest, device)
 
 
-def _tensorrt(directory: Path, manifest: Mapping[str, Any], device: str | None) -> Backend:
+def _tensorrt(directory: Path, manifest: Manifest, device: str | None) -> Backend:
     from clipexport.runtime.backends.trt_backend import open_tensorrt
 
     return open_tensorrt(directory, manifest, device)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from clipexport.errors import ArtifactError, BackendUnavailableError
+from clipexport.manifest import Manifest, TensorInfo, check_tower_io
 from clipexport.runtime.backends import Backend, parse_device
 
 CUDA = "CUDAExecutionProvider"
@@ -21,7 +21,7 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
 
-    def __init__(self, directory: Path, manifest: Mapping[str, Any], device: str | None = None) -> None:
+    def __init__(self, directory: Path, manifest: Manifest, device: str | None = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -47,8 +47,8 @@ class OnnxRuntimeBackend(Backend):
         self._sessions: dict[str, Any] = {}
         self._input_names: dict[str, str] = {}
         self.device = f"cuda:{wanted[1]}" if wanted[0] == "cuda" else "cpu"
-        for tower, info in manifest["towers"].items():
-            path = Path(directory) / info["onnx"]
+        for tower, entry in manifest.towers.items():
+            path = Path(directory) / entry.onnx
             try:
                 session = ort.InferenceSession(str(path), options, providers=providers)
             except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for bad graphs
@@ -61,6 +61,8 @@ class OnnxRuntimeBackend(Backend):
                     raise BackendUnavailableError(message + "; check the CUDA and cuDNN libraries")
                 warnings.warn(message + "; running on the CPU", RuntimeWarning, stacklevel=3)
                 self.device = "cpu"
+            # The graph must be this tower's (an image tower pointed at text.onnx is refused here).
+            check_tower_io(directory, entry, _infos(session.get_inputs()), _infos(session.get_outputs()))
             self._sessions[tower] = session
             self._input_names[tower] = session.get_inputs()[0].name
 
@@ -78,3 +80,12 @@ class OnnxRuntimeBackend(Backend):
 
     def close(self) -> None:
         self._sessions.clear()
+
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+              "tensor(int64)": "int64", "tensor(int32)": "int32"}
+
+
+def _infos(args: Any) -> list[TensorInfo]:
+    """ONNX Runtime's NodeArgs as manifest TensorInfos (None axes never occur in our graphs)."""
+    return [TensorInfo(a.name, _ORT_TYPES.get(a.type, a.type), tuple(a.shape)) for a in args]
