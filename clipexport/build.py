@@ -552,6 +552,11 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                              time.perf_counter() - started, failed)
         write_manifest(staging.path, manifest)
         staging.commit()
+    from clipexport.info import build_summary
+    from clipexport.manifest import Manifest
+
+    progress.say(build_summary(plan.out, Manifest.from_json(manifest), progress.timings,
+                               time.perf_counter() - started))
     progress.say(f"wrote {plan.out} in {time.perf_counter() - started:.1f}s")
     return BuildResult(out_dir=plan.out, manifest=manifest, parity=parities)
 

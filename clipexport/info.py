@@ -81,4 +81,25 @@ def describe(directory: Path, manifest: Manifest) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["TOP1_LEGEND", "describe", "human_bytes"]
+
+
+
+def build_summary(directory: Path, manifest: Manifest, timings: dict[str, float], seconds: float) -> str:
+    """The table a build ends with: per tower its files, size, parity figures and time; then the stages."""
+    rows = [("tower", "file", "size", "cosine_min", "max_rel_err", "top1", "time")]
+    for entry in manifest.towers.values():
+        p = entry.parity
+        size = sum((_size(directory, n) or 0) for n in entry.files)
+        top1 = p.get("top1_agreement")
+        rows.append((entry.name, entry.onnx, human_bytes(size), f"{p.get('cosine_min', 0):.7f}",
+                     f"{p.get('max_rel_err', 0):.2g}", "-" if top1 is None else f"{top1:.3f}",
+                     f"{entry.raw.get('seconds', 0):.1f}s"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["summary:"] + ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    total = sum((_size(directory, n) or 0) for n in manifest.files)
+    lines.append(f"  {len(manifest.files)} files, {human_bytes(total)}; parity on batches "
+                 f"{manifest.get('parity_batch_sizes')} against PyTorch fp32 ({manifest.precision} graphs)")
+    slow = sorted(timings.items(), key=lambda kv: -kv[1])
+    lines.append("  time per stage: " + ", ".join(f"{label} {t:.1f}s" for label, t in slow) + f"; total {seconds:.1f}s")
+    return "\n".join(lines)
+__all__ = ["TOP1_LEGEND", "build_summary", "describe", "human_bytes"]

@@ -365,9 +365,10 @@ def trimmable_artifact(artifact: Path, reference, tmp_path_factory: pytest.TempP
 def test_trimmed_text_batches_equal_full_context(trimmable_artifact: Path, reference, tmp_path: Path) -> None:
     trim = load(trimmable_artifact)
     assert trim.trims_text is True
-    # The same graph, declared static in the manifest: the runtime then feeds all 77 columns.
+    # The same graph, with trimming not allowed by the manifest: the runtime then feeds all 77 columns.
     static_dir = _copy(trimmable_artifact, tmp_path)
-    _rewrite_manifest(static_dir, lambda m: m["towers"]["text"]["inputs"][0].update(shape=["batch", 77]))
+    _rewrite_manifest(static_dir, lambda m: m["towers"]["text"].update(
+        sequence={"axis": None, "length": 77, "trim": None, "reason": "test"}))
     full_rt = load(static_dir)
     assert full_rt.trims_text is False
     seen: list[tuple[int, int]] = []

@@ -51,8 +51,9 @@ def test_runtime_extra_alone_embeds_without_torch(tmp_path: Path) -> None:
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
+    # The README's `pip install ".[runtime]"`, from the clone
     install = subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q",
-                              f"{REPO}[runtime]"], capture_output=True, text=True, timeout=900, check=False)
+                              ".[runtime]"], cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
     if install.returncode != 0 and any(marker in install.stderr for marker in NETWORK_ERRORS):
         pytest.skip(f"PyPI is not reachable: {install.stderr.strip().splitlines()[-1]}")
     assert install.returncode == 0, install.stderr[-3000:]

@@ -482,8 +482,14 @@ def test_existing_out_needs_force(artifact: Path, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="already exists; pass --force"):
         write_repository(artifact, TritonOptions(out=out))
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    write_repository(artifact, TritonOptions(out=out, force=True))
-    assert not (out / "keep.txt").exists() and (out / "clip_image" / "config.pbtxt").is_file()
+    # --force replaces only an earlier repository of ours (or an empty directory), never a user's files
+    with pytest.raises(UsageError, match="--force replaces only an earlier output of clipexport"):
+        write_repository(artifact, TritonOptions(out=out, force=True))
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    write_repository(artifact, TritonOptions(out=out, force=True))  # empty: replaced
+    write_repository(artifact, TritonOptions(out=out, force=True))  # ours: replaced again
+    assert (out / "clip_image" / "config.pbtxt").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no staging or replaced dirs left
     with pytest.raises(UsageError, match="outside the artifact"):
         write_repository(artifact, TritonOptions(out=artifact / "triton", force=True))
