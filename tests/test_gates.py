@@ -202,8 +202,10 @@ def test_fusion_gate_accepts_exactly_one_fused_node_per_block():
 def test_fusion_gate_refuses_a_wrong_count_or_a_stray_softmax(attention, softmax, message):
     """Broken by: the Softmax count ignored, or the count compared with < / <= instead of !=."""
     cfg = PassConfig(tower="image", precision="fp32", attention_blocks=2)
-    with pytest.raises(PassError, match=message):
+    with pytest.raises(PassError, match=message) as caught:
         fuse_attention(_attention_graph(attention, softmax), cfg)
+    assert str(caught.value).startswith("attention fusion on the image tower: ")
+    assert str(caught.value).endswith("Build with --no-fuse-attention to export attention as plain MatMul/Softmax.")
     assert "attention" not in cfg.details and cfg.notes == []
 
 
@@ -211,11 +213,12 @@ def test_fusion_gate_counts_only_the_fused_ops():
     mha = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["m"], domain="com.microsoft", name="mha")
     foreign = [helper.make_node("Attention", ["q", "k", "v"], ["x"], domain="com.example", name="x"),
                helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["y"], name="y")]  # default domain: not MHA
-    model = _attention_graph(1, extra=[mha, *foreign])
-    assert [n.name for n in attention_nodes(model)] == ["attn0", "mha"]
-    cfg = PassConfig(tower="image", precision="fp32", attention_blocks=2)
+    onnx_domain = helper.make_node("Attention", ["q", "k", "v"], ["o"], domain="ai.onnx", name="explicit")
+    model = _attention_graph(1, extra=[mha, *foreign, onnx_domain])
+    assert [n.name for n in attention_nodes(model)] == ["attn0", "mha", "explicit"]
+    cfg = PassConfig(tower="image", precision="fp32", attention_blocks=3)
     fuse_attention(model, cfg)
-    assert cfg.details["attention"]["ops"] == ["Attention", "com.microsoft.MultiHeadAttention"]
+    assert cfg.details["attention"]["ops"] == ["Attention", "ai.onnx.Attention", "com.microsoft.MultiHeadAttention"]
     with pytest.raises(PassError, match="attention block count"):
         fuse_attention(model, PassConfig(tower="image", precision="fp32"))
 
@@ -391,6 +394,138 @@ def test_quantize_pass_takes_int8_scales_from_the_quantile_and_fp8_from_the_peak
     assert quantize(_matmul_graph(), PassConfig(tower="image", precision="fp16")).graph.node[1].op_type == "MatMul"
     with pytest.raises(PassError, match="int8 quantization needs calibration"):
         quantize(_matmul_graph(), PassConfig(tower="image", precision="int8"))
+
+
+def _mixed_graph() -> onnx.ModelProto:
+    """Every kind of MatMul the pass meets, in one graph:
+
+        x ─Relu─► a ─┬─ MatMul(W) ─► h ──┐                  (quantized; `a` feeds two MatMuls with W:
+                     └─ MatMul(W) ─► h2 ─┴─ Add ─► s          one Q/DQ pair, one weight DQ)
+        Shape(x) ─► Expand(c) ─► e ─ MatMul(V) ─► b ─► Add(s, b) ─► t      (batch-broadcast: skipped)
+        Transpose(t) ─► tT ─ MatMul(tT, t) ─► p ─Relu─► r                   (activation x activation: skipped)
+        r ─ MatMul(P) ─► y                                                   (final projection: skipped)
+    """
+    rng = np.random.default_rng(0)
+    inits = {"W": rng.standard_normal((3, 2)), "V": rng.standard_normal((3, 2)), "P": rng.standard_normal((2, 2)),
+             "c": rng.standard_normal((1, 3))}
+    nodes = [helper.make_node("Relu", ["x"], ["a"]),
+             helper.make_node("MatMul", ["a", "W"], ["h"]), helper.make_node("MatMul", ["a", "W"], ["h2"]),
+             helper.make_node("Add", ["h", "h2"], ["s"]),
+             helper.make_node("Shape", ["x"], ["sh"]), helper.make_node("Expand", ["c", "sh"], ["e"]),
+             helper.make_node("MatMul", ["e", "V"], ["b"]), helper.make_node("Add", ["s", "b"], ["t"]),
+             helper.make_node("Transpose", ["t"], ["tT"]), helper.make_node("MatMul", ["tT", "t"], ["p"]),
+             helper.make_node("Relu", ["p"], ["r"]), helper.make_node("MatMul", ["r", "P"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, [1, 3])],
+                              [helper.make_tensor_value_info("y", F32, [2, 2])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_quantize_skips_what_it_must_and_says_why():
+    """Broken by: a skip reason or count mixed up, a shared activation or weight quantized twice."""
+    from clipexport.passes.quantize import activation_inputs
+
+    model = _mixed_graph()
+    assert activation_inputs(model, QuantPolicy()) == ["a", "r"]  # not e (broadcast), not tT (no weight)
+    report = QuantReport()
+    out = quantize_graph(model, "int8", {"a": 1.27, "r": 2.54}, report=report)
+    onnx.checker.check_model(out, full_check=True)
+    assert report.quantized_ops == {"MatMul": 2} and report.activation_tensors == 1
+    assert report.skipped_ops == {"MatMul (batch-broadcast constant)": 1, "MatMul (no weight (activation x activation))": 1,
+                                  "MatMul (final projection)": 1}
+    ops = [n.op_type for n in out.graph.node]
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 2  # a's pair + W's
+    assert {n.name for n in out.graph.node if n.op_type == "DequantizeLinear"} == {"DQ_a", "DQ_W"}
+    matmuls = [list(n.input) for n in out.graph.node if n.op_type == "MatMul"]
+    assert matmuls == [["a/dq", "W/dq"], ["a/dq", "W/dq"], ["e", "V"], ["tT", "t"], ["r", "P"]]
+    assert {"V", "P", "c"} <= {i.name for i in out.graph.initializer} and "W" not in {i.name for i in out.graph.initializer}
+    assert report.describe() == (f"int8 Q/DQ on MatMul 2; 1 activation scales; weights "
+                                 f"{report.weight_bytes_before / 2**20:.1f} -> {report.weight_bytes_after / 2**20:.1f} MiB "
+                                 f"({report.weight_bytes_before / report.weight_bytes_after:.2f}x smaller)")
+    assert report.weight_bytes_before == 4 * (6 + 6 + 4 + 3)
+    assert report.weight_bytes_after == 4 * (6 + 4 + 3) + 6 + 4 * 2 + 2 + 4 + 1  # V P c, W q/scale/zp, a scale/zp
+    everything = QuantReport()
+    quantize_graph(model, "int8", {"a": 1.0, "r": 1.0}, QuantPolicy(keep_final_projection=False), everything)
+    assert everything.quantized_ops == {"MatMul": 3} and "MatMul (final projection)" not in everything.skipped_ops
+    ort = pytest.importorskip("onnxruntime")
+    x = np.array([[0.5, -1.0, 1.2]], np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(run(out), run(model), rtol=0.05, atol=0.05)
+
+
+def test_quantize_pass_records_what_it_did():
+    pytest.importorskip("onnxruntime")
+    x = np.array([[2.0, 2.0, 10.0]], np.float32)
+    cfg = PassConfig(tower="image", precision="int8", calibration=[x, x], quant_policy=QuantPolicy(activation_quantile=0.5))
+    quantize(_matmul_graph(), cfg)
+    details = cfg.details["quantize"]
+    assert details["precision"] == "int8" and details["policy"]["activation_quantile"] == 0.5
+    assert details["quantized_ops"] == {"MatMul": 1} and details["not_quantized"] == {}
+    assert details["activation_scales"] == 1 and details["calibration_items"] == 2
+    assert details["weight_bytes"]["before"] == WEIGHT.nbytes and 0 < details["weight_bytes"]["after"] < WEIGHT.nbytes
+    assert cfg.notes and cfg.notes[0].startswith("int8 Q/DQ on MatMul 1; 1 activation scales")
+
+
+def _embedding_graph(consumers: int = 1) -> onnx.ModelProto:
+    table = np.array([[0.5, -2.54], [1.27, 0.1], [-0.2, 1.0], [0.0, 2.0]], np.float32)
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["g"], name="embed"), helper.make_node("Relu", ["g"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", F32, [1, 3, 2])]
+    if consumers == 2:
+        nodes.append(helper.make_node("Gather", ["E", "ids"], ["g2"], name="again"))
+        outputs.append(helper.make_tensor_value_info("g2", F32, [1, 3, 2]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3])], outputs,
+                              [numpy_helper.from_array(table, "E")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_token_embedding_is_gathered_as_int8_and_dequantized_per_column():
+    report = QuantReport()
+    out = quantize_graph(_embedding_graph(), "int8", {}, report=report)
+    assert report.quantized_ops == {"Gather": 1} and report.activation_tensors == 0
+    np.testing.assert_array_equal(_init(out, "E/scale"), np.array([1.27, 2.54], np.float32) / np.float32(127))
+    assert _init(out, "E/q").dtype == np.int8 and "E" not in {i.name for i in out.graph.initializer}
+    gather, dq = out.graph.node[0], out.graph.node[1]
+    assert (list(gather.input), list(gather.output)) == (["E/q", "ids"], ["g/q"])
+    assert (dq.op_type, list(dq.input), list(dq.output)) == ("DequantizeLinear", ["g/q", "E/scale", "E/zero_point"], ["g"])
+    assert [a.i for a in dq.attribute if a.name == "axis"] == [-1]
+    onnx.checker.check_model(out, full_check=True)
+    ort = pytest.importorskip("onnxruntime")
+    ids = np.array([[3, 0, 1]], np.int64)
+    (got,) = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})
+    table = _init(_embedding_graph(), "E")
+    np.testing.assert_allclose(got, np.maximum(table[ids], 0), atol=2.54 / 127 / 2 + 1e-7)
+    # not for fp8 (no fp8 Gather on onnxruntime), not when the policy says so, not for a table read twice
+    for model, precision, policy in [(_embedding_graph(), "fp8", QuantPolicy()),
+                                     (_embedding_graph(), "int8", QuantPolicy(quantize_embedding=False)),
+                                     (_embedding_graph(2), "int8", QuantPolicy())]:
+        untouched = QuantReport()
+        kept = quantize_graph(model, precision, {}, policy, untouched)
+        assert untouched.quantized_ops == {} and [n.op_type for n in kept.graph.node][0] == "Gather"
+        assert "E" in {i.name for i in kept.graph.initializer}
+
+
+def test_fp8_weights_and_conv_channels():
+    """fp8: E4M3 values and zero points, each channel's peak at 448; Conv: output channels on axis 0."""
+    weight = np.array([[[[1.0, -4.48], [0.5, 0.0]]], [[[0.1, 0.2], [-0.3, 0.05]]]], np.float32)  # [2, 1, 2, 2]
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Conv", ["a", "W"], ["c"]),
+             helper.make_node("Relu", ["c"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, [1, 1, 3, 3])],
+                              [helper.make_tensor_value_info("y", F32, [1, 2, 2, 2])], [numpy_helper.from_array(weight, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    out = quantize_graph(model, "fp8", {"a": 1.0})
+    np.testing.assert_array_equal(_init(out, "W/scale"), np.array([4.48, 0.3], np.float32) / np.float32(448))
+    inits = {i.name: i for i in out.graph.initializer}
+    for name in ("W/q", "W/zero_point", "a/act_zero_point"):
+        assert inits[name].data_type == TensorProto.FLOAT8E4M3FN
+    q = _init(out, "W/q").astype(np.float32)
+    np.testing.assert_array_equal(np.abs(q).reshape(2, -1).max(axis=1), [448, 448])
+    (dq,) = (n for n in out.graph.node if n.output[0] == "W/dq")
+    assert [a.i for a in dq.attribute if a.name == "axis"] == [0]
+    int8 = quantize_graph(model, "int8", {"a": 0.5})
+    assert _init(int8, "a/act_scale") == np.float32(0.5 / 127)  # a bound under 1 is still a bound
+    assert inits["W/zero_point"].dims == [2]
+    with pytest.raises(PassError, match="unknown precision 'int4'"):
+        quantize_graph(model, "int4", {})
 
 
 # -- Triton dims -------------------------------------------------------------------------------
