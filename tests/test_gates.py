@@ -666,3 +666,33 @@ def test_configs_without_tritonclient_say_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "tritonclient.grpc", None)  # as if tritonclient were not installed
     with pytest.raises(UsageError, match=r"pip install 'clipexport\[triton\]'"):
         model_config_pb2()
+
+
+# -- calibration -------------------------------------------------------------------------------
+
+def _mask_graph() -> onnx.ModelProto:
+    """x[N, 4] -> Mul(x, 3) -> m -> Add(m, mask) -> y, mask = [0, 0, 0, -inf] (as attention masks hold)."""
+    mask = np.array([[0.0, 0.0, 0.0, -np.inf]], np.float32)
+    nodes = [helper.make_node("Mul", ["x", "three"], ["m"]), helper.make_node("Add", ["m", "mask"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, ["n", 4])],
+                              [helper.make_tensor_value_info("y", F32, ["n", 4])],
+                              [numpy_helper.from_array(np.array(3.0, np.float32), "three"),
+                               numpy_helper.from_array(mask, "mask")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_calibration_keeps_each_tensors_peak_and_largest_quantile_over_items():
+    """Broken by: a peak or quantile kept from one item instead of the largest, -inf taken as a range, items batched."""
+    pytest.importorskip("onnxruntime")
+    from clipexport.passes.calibrate import collect_stats
+
+    first = np.array([[1.0, -1.0, 1.0, 1.0], [0.5, 0.5, -4.0, 0.5]], np.float32)  # two items
+    second = np.array([[-2.0, 2.0, 2.0, -2.0]], np.float32)
+    stats = collect_stats(_mask_graph(), [first, second], quantile=0.5)
+    assert stats.runs == 3
+    assert stats.max_abs == {"m": 12.0, "y": 12.0}  # y's -inf column is a mask, not a range
+    assert stats.quantile_abs == {"m": 6.0, "y": 6.0}  # medians per item: 3, 1.5, 6 -> the largest
+    only = collect_stats(_mask_graph(), [second], tensors=["m"])
+    assert only.max_abs == {"m": 6.0} and only.quantile_abs == {} and only.runs == 1
+    with pytest.raises(PassError, match="at least one sample"):
+        collect_stats(_mask_graph(), [])
