@@ -97,6 +97,11 @@ def test_parity_report_of_a_pass_and_its_json_record():
         "batches": [{"batch_size": 4, "cosine_min": 0.995, "max_abs_err": 0.02, "max_rel_err": 0.05, "finite": True}]}
 
 
+def test_parity_report_without_top1():
+    parity = TowerParity("image", "b", "fp32", Tolerance(0.99, 0.1), [BatchParity(1, 1.0, 0.0, 0.0, True)])
+    assert parity.summary().endswith("max_rel_err 0 (need <= 0.1), batches [1]: passed")
+
+
 def test_non_finite_candidate_is_recorded_as_such():
     got = compare(np.ones((2, 3)), np.array([[1.0, np.nan, 1.0], [1.0, 1.0, 1.0]]), 2)
     assert got.batch_size == 2 and got.finite is False and np.isnan(got.cosine_min)
@@ -117,7 +122,7 @@ def test_top1_agreement_direction_is_exact():
     # scale does not matter (cosine scores), only direction
     assert top1_agreement(5 * TOP1_REF, TOP1_CAND, 3 * TOP1_ANCHORS, rows_are_queries=False) == pytest.approx(2 / 3)
     # ... per row: unnormalized, anchor 0 would pick the long row 1 in the candidate (it picks row 0 in both)
-    ref = np.array([[1.0, 0.0], [0.9, 0.9]])
+    ref = np.array([[1.0, 0.0], [0.8, 0.8]])
     cand = np.array([[1.0, 0.0], [10.0, 10.0]])
     assert top1_agreement(ref, cand, np.eye(2), rows_are_queries=False) == 1.0
 
@@ -225,6 +230,11 @@ def test_fusion_gate_counts_only_the_fused_ops():
     cfg = PassConfig(tower="image", precision="fp32", attention_blocks=3)
     fuse_attention(model, cfg)
     assert cfg.details["attention"]["ops"] == ["Attention", "ai.onnx.Attention", "com.microsoft.MultiHeadAttention"]
+    assert cfg.notes == [("3 fused attention nodes (Attention, ai.onnx.Attention, com.microsoft.MultiHeadAttention) "
+                          "for 3 blocks")]
+    none = PassConfig(tower="image", precision="fp32", attention_blocks=0)
+    fuse_attention(_attention_graph(0), none)
+    assert none.notes == ["0 fused attention nodes (none) for 0 blocks"]
     with pytest.raises(PassError, match="attention block count"):
         fuse_attention(model, PassConfig(tower="image", precision="fp32"))
 
@@ -381,6 +391,14 @@ def test_gemm_with_transposed_weight_scales_rows_and_zero_columns_get_scale_one(
     out = quantize_graph(_matmul_graph(weight, "Gemm"), "int8", {"a": 1.0})
     np.testing.assert_array_equal(_init(out, "W/scale"), np.array([1.0, 2.54 / 127], np.float32))
     np.testing.assert_array_equal(_init(out, "W/q")[0], [0, 0, 0])
+    plain = _matmul_graph(WEIGHT, "Gemm")  # the same Gemm without transB: W is [K, N], channels on axis 1
+    plain.graph.node[1].ClearField("attribute")
+    plain.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 3
+    plain.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 2
+    plain_out = quantize_graph(plain, "int8", {"a": 1.0})
+    np.testing.assert_array_equal(_init(plain_out, "W/scale"), np.array([1.27, 2.54], np.float32) / np.float32(127))
+    (plain_dq,) = (n for n in plain_out.graph.node if n.output[0] == "W/dq")
+    assert [a.i for a in plain_dq.attribute if a.name == "axis"] == [1]
     (dq,) = (n for n in out.graph.node if n.output[0] == "W/dq")
     assert [a.i for a in dq.attribute if a.name == "axis"] == [0]
 
@@ -420,7 +438,7 @@ def _mixed_graph() -> onnx.ModelProto:
              helper.make_node("Shape", ["x"], ["sh"]), helper.make_node("Expand", ["c", "sh"], ["e"]),
              helper.make_node("MatMul", ["e", "V"], ["b"]), helper.make_node("Add", ["s", "b"], ["t"]),
              helper.make_node("Transpose", ["t"], ["tT"]), helper.make_node("MatMul", ["tT", "t"], ["p"]),
-             helper.make_node("Relu", ["p"], ["r"]), helper.make_node("MatMul", ["r", "P"], ["y"])]
+             helper.make_node("MatMul", ["p", "p"], ["pp"]), helper.make_node("Relu", ["pp"], ["r"]), helper.make_node("MatMul", ["r", "P"], ["y"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, [1, 3])],
                               [helper.make_tensor_value_info("y", F32, [2, 2])],
                               [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
@@ -437,13 +455,13 @@ def test_quantize_skips_what_it_must_and_says_why():
     out = quantize_graph(model, "int8", {"a": 1.27, "r": 2.54}, report=report)
     onnx.checker.check_model(out, full_check=True)
     assert report.quantized_ops == {"MatMul": 2} and report.activation_tensors == 1
-    assert report.skipped_ops == {"MatMul (batch-broadcast constant)": 1, "MatMul (no weight (activation x activation))": 1,
+    assert report.skipped_ops == {"MatMul (batch-broadcast constant)": 1, "MatMul (no weight (activation x activation))": 2,
                                   "MatMul (final projection)": 1}
     ops = [n.op_type for n in out.graph.node]
     assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 2  # a's pair + W's
     assert {n.name for n in out.graph.node if n.op_type == "DequantizeLinear"} == {"DQ_a", "DQ_W"}
     matmuls = [list(n.input) for n in out.graph.node if n.op_type == "MatMul"]
-    assert matmuls == [["a/dq", "W/dq"], ["a/dq", "W/dq"], ["e", "V"], ["tT", "t"], ["r", "P"]]
+    assert matmuls == [["a/dq", "W/dq"], ["a/dq", "W/dq"], ["e", "V"], ["tT", "t"], ["p", "p"], ["r", "P"]]
     assert {"V", "P", "c"} <= {i.name for i in out.graph.initializer} and "W" not in {i.name for i in out.graph.initializer}
     assert report.describe() == (f"int8 Q/DQ on MatMul 2; 1 activation scales; weights "
                                  f"{report.weight_bytes_before / 2**20:.1f} -> {report.weight_bytes_after / 2**20:.1f} MiB "
@@ -452,7 +470,7 @@ def test_quantize_skips_what_it_must_and_says_why():
     assert report.weight_bytes_after == 4 * (6 + 4 + 3) + 6 + 4 * 2 + 2 + 4 + 1  # V P c, W q/scale/zp, a scale/zp
     everything = QuantReport()
     quantize_graph(model, "int8", {"a": 1.0, "r": 1.0}, QuantPolicy(keep_final_projection=False), everything)
-    assert everything.quantized_ops == {"MatMul": 3} and "MatMul (final projection)" not in everything.skipped_ops
+    assert everything.quantized_ops == {"MatMul": 3} and everything.activation_tensors == 2 and "MatMul (final projection)" not in everything.skipped_ops
     ort = pytest.importorskip("onnxruntime")
     x = np.array([[0.5, -1.0, 1.2]], np.float32)
     run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
