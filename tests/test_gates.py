@@ -716,6 +716,8 @@ def test_calibration_keeps_each_tensors_peak_and_largest_quantile_over_items():
     assert stats.runs == 3
     assert stats.max_abs == {"m": 12.0, "y": 12.0}  # y's -inf column is a mask, not a range
     assert stats.quantile_abs == {"m": 6.0, "y": 6.0}  # medians per item: 3, 1.5, 6 -> the largest
+    small = collect_stats(_mask_graph(), [np.full((1, 4), 0.1, np.float32)], quantile=0.5)
+    assert small.max_abs["m"] == pytest.approx(0.3) and small.quantile_abs["m"] == pytest.approx(0.3)  # not floored at 1
     only = collect_stats(_mask_graph(), [second], tensors=["m"])
     assert only.max_abs == {"m": 6.0} and only.quantile_abs == {} and only.runs == 1
     with pytest.raises(PassError, match="at least one sample"):
