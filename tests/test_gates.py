@@ -306,7 +306,7 @@ def test_fp16_range_guard_follows_the_policys_headroom_and_ignores_bf16():
     assert bf16.kept_for_range == [] and bf16.low_nodes == 3
 
 
-@pytest.mark.parametrize(("weight_peak", "kept"), [(20000.0, True), (16000.0, False)])
+@pytest.mark.parametrize(("weight_peak", "kept"), [(20000.0, True), (LIMIT, False), (16000.0, False)])
 def test_fp16_range_guard_reads_weight_peaks(weight_peak, kept):
     report = PrecisionReport()
     out = convert_precision(_scaled_graph(1.0, weight_peak), "fp16", ranges={}, report=report)
