@@ -563,6 +563,7 @@ def test_tensor_spec_keeps_each_axis_in_place():
     ids = TensorSpec.from_manifest({"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}, "t")
     assert ids.dims == (-1,)
     assert TensorSpec.from_manifest({"name": "x", "dtype": "float16", "shape": ["b", 0, 77]}, "t").dims == (-1, 77)
+    assert TensorSpec.from_manifest({"name": "x", "dtype": "float32", "shape": ["b", 1, 77]}, "t").dims == (1, 77)
     for bad, message in [({"name": "x", "dtype": "float32", "shape": [1, 3]}, "no dynamic batch axis"),
                          ({"name": "x", "dtype": "string", "shape": ["b"]}, "no Triton type"),
                          ({"name": "x", "shape": ["b"]}, "malformed")]:
@@ -671,7 +672,7 @@ def test_python_and_ensemble_configs():
     steps = [Step("tok", {"text": "text"}, {"input_ids": "input_ids"}),
              Step("enc", {"input_ids": "input_ids"}, {"text_embeds": "embedding"})]
     ens = ensemble_config("clip_text", [raw], [embedding], batching, steps)
-    assert (ens.platform, ens.max_batch_size, len(ens.instance_group)) == ("ensemble", 8, 0)
+    assert (ens.name, ens.platform, ens.max_batch_size, len(ens.instance_group)) == ("clip_text", "ensemble", 8, 0)
     assert not ens.HasField("dynamic_batching")
     assert [(t.name, pb2.DataType.Name(t.data_type)) for t in ens.output] == [("embedding", "TYPE_BF16")]
     assert [(s.model_name, s.model_version, dict(s.input_map), dict(s.output_map))
