@@ -14,7 +14,7 @@
 # It works on a copy of the tree (tracked and untracked files, uncommitted edits included) in a
 # temporary directory, removed at the end (KEEP=1 keeps it, e.g. for `mutmut show NAME` there):
 # the checkout itself is never written to. JOBS=N runs N mutants at once (default 1: the
-# machines are shared). About 10 minutes for everything on 1 core here.
+# machines are shared). Everything: about 40 minutes with JOBS=1, 8 with JOBS=2 (2 shared cores).
 set -euo pipefail
 
 repo=$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)
