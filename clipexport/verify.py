@@ -63,6 +63,11 @@ class TowerParity:
 
     @property
     def passed(self) -> bool:
+        return self._within_tolerance()
+
+    def _within_tolerance(self) -> bool:
+        # A plain method behind the property: mutmut leaves decorated functions alone, and this is
+        # the gate benchmarks/mutation.sh must reach.
         top1_ok = (
             self.tolerance.top1_agreement_min is None
             or not self.top1_gated

@@ -91,9 +91,27 @@ def test_runtime_loads_the_external_data_artifact_and_matches_onnxruntime(large_
     session = ort.InferenceSession(str(out / "image.onnx"), providers=["CPUExecutionProvider"])
     (direct,) = session.run(None, {"pixel_values": pixels})
     np.testing.assert_allclose(runtime.encode_pixels(pixels, normalize=False), direct, rtol=0, atol=1e-6)
-    texts = runtime.encode_text(["a photo of a dog.", "a diagram"])
+    prompts = ["a photo of a dog.", "a diagram"]
+    texts = runtime.encode_text(prompts)
     assert texts.shape == (2, 24)
     np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, atol=1e-5)
+    # the numbers, not just the shape: the text graph run directly on the full 77 ids (the runtime trims
+    # them to the last EOT first), and the PyTorch text tower the artifact was built from
+    ids = runtime.tokenize(prompts)
+    text_session = ort.InferenceSession(str(out / "text.onnx"), providers=["CPUExecutionProvider"])
+    (direct_text,) = text_session.run(None, {text_session.get_inputs()[0].name: ids})
+    raw = runtime.encode_text(prompts, normalize=False)
+    np.testing.assert_allclose(raw, direct_text, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(texts, direct_text / np.linalg.norm(direct_text, axis=1, keepdims=True), atol=1e-6)
+    from clipexport.models.towers import text_tower
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    # loaded tower by tower, as the build loaded it (the random initialization differs from a whole-model load)
+    ref = load_reference(manifest["model"], "none", seed=int(manifest["weights"]["seed"]), per_tower=True)
+    ref.materialize("text")
+    with torch.no_grad():
+        expected = text_tower(ref.model)(torch.from_numpy(ids)).numpy()
+    np.testing.assert_allclose(raw, expected, rtol=0, atol=1e-5)
 
 
 def test_verify_rebuilds_the_same_per_tower_reference_and_catches_a_changed_data_file(large_artifact, tmp_path):

@@ -153,15 +153,23 @@ def _empty(tmp_path):
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 @pytest.mark.parametrize("family", sorted(f for f in TWINS if f != "coca"))
 def test_build_quantized_end_to_end(twin, tmp_path, family, precision):
-    from clipexport.build import BuildOptions, build
+    from clipexport.build import BuildOptions, build, verify_artifact
 
     result = build(BuildOptions(model=twin(family), pretrained="none", precision=precision,
                                 out=tmp_path / precision))
+    checked = verify_artifact(result.out_dir) if family == "vit" else None
     for tower in ("image", "text"):
         t = result.manifest["towers"][tower]
         assert t["parity"]["passed"] and t["parity"]["cosine_min"] >= 0.99
         # random weights: near-tie zero-shot scores, so the agreement is reported, not gated
-        assert 0.0 <= t["parity"]["top1_agreement"] <= 1.0 and t["parity"]["top1_gated"] is False
+        assert t["parity"]["top1_gated"] is False
+        # ... but it is a share of that tower's choices: each parity image picks one of the class prompts;
+        # each of the 16 anchor images picks one of the parity prompts
+        choices = sum(result.manifest["parity_batch_sizes"]) if tower == "image" else 16
+        agreement = t["parity"]["top1_agreement"]
+        assert 0.0 <= agreement <= 1.0 and agreement * choices == pytest.approx(round(agreement * choices), abs=1e-9)
+        if checked is not None:  # and `clipexport verify` measures the same share again
+            assert checked["parity"][tower].top1_agreement == agreement
         assert t["calibration"]["source"] == "synthetic"
         assert t["quantization"]["precision"] == precision and t["quantization"]["quantized_ops"]
         ops = collections.Counter(n.op_type for n in onnx.load(str(result.out_dir / t["onnx"])).graph.node)

@@ -508,15 +508,23 @@ def test_embed_command(artifact: Path, rt: Runtime, tmp_path: Path) -> None:
 
 TORCH_FREE_SCRIPT = """
 import sys, importlib.abc
+BLOCKED = ('torch', 'torchvision', 'open_clip')
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'torchvision', 'open_clip'):
+        if name.split('.')[0] in BLOCKED:
             raise ImportError(f'{name} is blocked in this test')
+# A finder sees only modules not imported yet: the premise is that nothing imported torch before it.
+assert not [m for m in sys.modules if m.split('.')[0] in BLOCKED], 'torch was imported before the blocker'
 sys.meta_path.insert(0, Block())
+try:
+    import torch
+except ImportError:
+    pass
+else:
+    raise AssertionError('the blocker let torch through')
 import numpy as np
 from PIL import Image
 import clipexport
-assert 'numpy' not in sys.modules or True
 rt = clipexport.load(sys.argv[1])
 rng = np.random.default_rng(0)
 images = [Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)) for _ in range(3)]

@@ -528,3 +528,49 @@ def test_cli(artifact: Path, tmp_path: Path) -> None:
     assert "Traceback" not in result.output
     result = runner.invoke(cli, ["triton", str(artifact), "--out", str(tmp_path / "x"), "--towers", "image,sound"])
     assert result.exit_code == 1 and "'sound'" in result.output
+
+
+# -- the dims gate: what preprocess and the tokenizer make must be what the graph takes ---------
+
+def test_non_square_image_size_keeps_height_then_width(artifact: Path, tmp_path: Path) -> None:
+    """Every twin is square; a (3, W, H) transposition only shows with a non-square size."""
+    def edit(manifest: dict[str, Any]) -> None:
+        manifest["preprocess"]["size"] = [32, 48]  # (height, width)
+        manifest["towers"]["image"]["inputs"][0]["shape"] = ["batch", 3, 32, 48]
+
+    write_repository(_copy(artifact, tmp_path, edit), TritonOptions(out=tmp_path / "repo", towers=("image",)))
+    configs = _configs(tmp_path / "repo")
+    assert [list(o.dims) for o in configs["clip_image_preprocess"].output] == [[3, 32, 48]]
+    assert [list(i.dims) for i in configs["clip_image_encoder"].input] == [[3, 32, 48]]
+    settings = json.loads((tmp_path / "repo" / "clip_image_preprocess" / "1" / "clipexport.json").read_text())
+    assert settings["preprocess"]["size"] == [32, 48]
+
+
+@pytest.mark.parametrize(("size", "shape", "message"), [
+    ([48, 32], ["batch", 3, 32, 48], r"the graph takes \[3, 32, 48\] but preprocess gives \[3, 48, 32\]"),
+    (32, ["batch", 3, 48, 48], r"the graph takes \[3, 48, 48\] but preprocess gives \[3, 32, 32\]"),
+])
+def test_manifest_whose_image_graph_disagrees_with_preprocess_writes_nothing(artifact: Path, tmp_path: Path,
+                                                                            size: Any, shape: list[Any],
+                                                                            message: str) -> None:
+    def edit(manifest: dict[str, Any]) -> None:
+        manifest["preprocess"]["size"] = size
+        manifest["towers"]["image"]["inputs"][0]["shape"] = shape
+
+    with pytest.raises(ArtifactError, match=message):
+        write_repository(_copy(artifact, tmp_path, edit), TritonOptions(out=tmp_path / "repo"))
+    assert not (tmp_path / "repo").exists()
+
+
+def test_manifest_whose_text_graph_disagrees_with_the_context_length_writes_nothing(artifact: Path,
+                                                                                    tmp_path: Path) -> None:
+    def edit(manifest: dict[str, Any]) -> None:
+        manifest["towers"]["text"]["inputs"][0]["shape"] = ["batch", 77]  # an untrimmed graph: 77 tokens exactly
+        manifest["tokenizer"]["context_length"] = 76
+
+    with pytest.raises(ArtifactError, match=r"the graph takes \[77\] tokens but the tokenizer makes 76"):
+        write_repository(_copy(artifact, tmp_path, edit), TritonOptions(out=tmp_path / "repo"))
+    assert not (tmp_path / "repo").exists()
+    fixed = _copy(artifact, tmp_path / "fixed", lambda m: m["towers"]["text"]["inputs"][0].update(shape=["batch", 77]))
+    write_repository(fixed, TritonOptions(out=tmp_path / "repo", towers=("text",)))
+    assert [list(i.dims) for i in _configs(tmp_path / "repo")["clip_text_encoder"].input] == [[77]]
