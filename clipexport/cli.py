@@ -197,6 +197,11 @@ def info(directory: Path, as_json: bool) -> None:
         click.echo(f"    passes: {passes or 'none'}")
         click.echo(f"    parity ({p['backend']}): cosine_min {p['cosine_min']:.7f}, max_abs_err {p['max_abs_err']:.3g}, "
                    f"max_rel_err {p['max_rel_err']:.3g}, {'passed' if p['passed'] else 'FAILED'}")
+        if isinstance(t.get("tensorrt"), dict):  # the TensorRT-compatibility verdict (clipexport.trt.compat)
+            from clipexport.trt.compat import summarize
+
+            click.echo(f"    {summarize(t['tensorrt'])}")
+            click.echo(f"    compare on a GPU: {t['tensorrt'].get('polygraphy')}")
     if manifest.get("parity_accepted_by_user"):
         click.echo("  warning: built with --accept-parity-failure")
 
