@@ -240,3 +240,20 @@ def test_matrix_rules_name_known_sources(tmp_path):
     broken.write_text(compat.MATRIX_PATH.read_text().replace('source = "ops-10_15"', 'source = "nowhere"', 1))
     with pytest.raises(EngineError, match="unknown source 'nowhere'"):
         compat.load_matrix(broken)
+
+
+def test_readme_polygraphy_command_is_what_a_vit_b_32_build_writes():
+    """The README shows the command the manifest holds for ViT-B-32's image tower (its flags are run through
+    Polygraphy above; the --trt half needs TensorRT, which cannot exist here)."""
+    import re
+
+    from clipexport.recipes import load_recipes
+    from clipexport.trt.profiles import tower_profiles
+
+    recipe = load_recipes()["vit"]
+    tolerance = recipe.tolerance("fp32")
+    profiles = tower_profiles([("pixel_values", ["batch", 3, 224, 224])], recipe.batch, "image")
+    expected = compat.polygraphy_command("image.onnx", profiles, tolerance.max_rel_err, tolerance.max_rel_err)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    shown = re.findall(r"^\s*(polygraphy run .*)$", readme, flags=re.M)
+    assert shown == [expected]
