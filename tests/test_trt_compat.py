@@ -54,7 +54,7 @@ def test_fused_attention_needs_10_14_or_the_plugin(builds):
 
 
 def test_unfused_graph_parses_from_the_oldest_target(builds):
-    _, manifest, output = builds["unfused"]
+    _, manifest, _ = builds["unfused"]
     for tower in ("image", "text"):
         entry = manifest["towers"][tower]["tensorrt"]
         assert entry["min_release"] == entry["targets"][0] == "10.8"
@@ -84,7 +84,7 @@ def test_polygraphy_command_is_accepted_by_polygraphy(builds):
     assert args[:3] == ["polygraphy", "run", "text.onnx"] and "--trt" in args and "--fp16" not in args
     args.remove("--trt")
     exe = Path(sys.executable).with_name("polygraphy")
-    result = subprocess.run([str(exe), *args[1:]], cwd=out, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([str(exe), *args[1:]], cwd=out, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     log = result.stdout + result.stderr
     assert "input_ids [dtype=int64, shape=(8, 16)]" in log and "text_embeds [dtype=float32, shape=(8, 24)]" in log
@@ -255,5 +255,5 @@ def test_readme_polygraphy_command_is_what_a_vit_b_32_build_writes():
     profiles = tower_profiles([("pixel_values", ["batch", 3, 224, 224])], recipe.batch, "image")
     expected = compat.polygraphy_command("image.onnx", profiles, tolerance.max_rel_err, tolerance.max_rel_err)
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    shown = re.findall(r"^\s*(polygraphy run .*)$", readme, flags=re.M)
+    shown = re.findall(r"^\s*(polygraphy run .*)$", readme, flags=re.MULTILINE)
     assert shown == [expected]

@@ -85,10 +85,10 @@ def test_parser_errors_logged_by_polygraphy_become_one_engine_error():
 
     shown: list[str] = []
     before = G_LOGGER.use_python_logging_system
-    with pytest.raises(EngineError) as err:
-        with builder.polygraphy_session("TensorRT could not build an engine from image.onnx", shown.append):
-            G_LOGGER.error("In node 7 with name: attn and operator: Attention (parseNode): UNSUPPORTED_NODE")
-            G_LOGGER.critical("Could not parse ONNX correctly")
+    with pytest.raises(EngineError) as err, \
+            builder.polygraphy_session("TensorRT could not build an engine from image.onnx", shown.append):
+        G_LOGGER.error("In node 7 with name: attn and operator: Attention (parseNode): UNSUPPORTED_NODE")
+        G_LOGGER.critical("Could not parse ONNX correctly")
     message = str(err.value)
     assert message.startswith("TensorRT could not build an engine from image.onnx: Could not parse ONNX correctly")
     assert "In node 7 with name: attn and operator: Attention" in message
@@ -112,9 +112,8 @@ def test_polygraphy_progress_goes_to_our_output_and_warnings_are_kept():
 
 
 def test_other_exceptions_pass_through_untouched():
-    with pytest.raises(ValueError, match="a bug"):
-        with builder.polygraphy_session("x"):
-            raise ValueError("a bug")
+    with pytest.raises(ValueError, match="a bug"), builder.polygraphy_session("x"):
+        raise ValueError("a bug")
 
 
 def test_build_engine_without_tensorrt_stops_before_polygraphy_touches_it(tmp_path):

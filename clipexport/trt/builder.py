@@ -174,9 +174,8 @@ def check_profile_names(network: trt.INetworkDefinition, profiles: Sequence[Inpu
 
 def layer_information(plan: bytes) -> str:
     """The engine's layer information as JSON (needs the GPU the engine was built for)."""
-    from polygraphy.backend.trt import EngineFromBytes
-
     import tensorrt as trt
+    from polygraphy.backend.trt import EngineFromBytes
 
     engine = EngineFromBytes(plan)()
     inspector = engine.create_engine_inspector()

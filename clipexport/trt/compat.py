@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import functools
 import shlex
-import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import tomllib
 
 from clipexport.errors import EngineError
 

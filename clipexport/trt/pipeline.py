@@ -21,8 +21,8 @@ from clipexport.errors import BackendUnavailableError, EngineError, UsageError
 from clipexport.hashing import file_sha256
 from clipexport.recipes import BatchRange, TowerSpec
 from clipexport.trt.builder import EngineBuildOptions, build_engine
-from clipexport.trt.compat import choose_attention
 from clipexport.trt.cache import decide, make_key
+from clipexport.trt.compat import choose_attention
 from clipexport.trt.env import (
     HOW_TO_GET_TENSORRT,
     GpuInfo,

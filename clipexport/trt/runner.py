@@ -43,10 +43,9 @@ class TensorRTRunner:
 
     def __init__(self, plan: bytes | Path, device: int = 0) -> None:
         load_tensorrt()
+        import tensorrt as trt
         import torch
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-
-        import tensorrt as trt
 
         from clipexport.trt.builder import polygraphy_session
 
