@@ -192,6 +192,13 @@ def test_attention_mode_is_chosen_from_the_verdict(entry, installed, native, exp
     assert compat.choose_attention(entry, installed, "auto", native) == expected
 
 
+def test_without_a_verdict_the_mode_follows_tensorrt_features():
+    assert compat.choose_attention(None, "10.16", "auto", True) == "native"
+    assert compat.choose_attention(None, "10.12", "auto", False) == "plugin"
+    with pytest.raises(EngineError, match="no native attention layer"):
+        compat.choose_attention(None, "10.12", "native", False)
+
+
 def test_tensorrt_below_the_graphs_minimum_is_refused_naming_the_nodes():
     with pytest.raises(EngineError, match=r"TensorRT 10\.8\.0 cannot parse image\.onnx: it needs TensorRT >= 10\.9 "
                                           r"with the attention plugin or >= 10\.14.*Attention x2 \(e\.g\. a0, a1\)"):

@@ -452,6 +452,9 @@ def choose_attention(entry: dict[str, Any] | None, installed: str, requested: st
     attention-plugin pass, naming the nodes that block it. `native_layer`: TensorRT has add_attention.
     """
     if entry is None:  # an artifact written before the gate: decide from the TensorRT features alone
+        if requested == "native" and not native_layer:
+            raise EngineError(f"TensorRT {installed} has no native attention layer (needs 10.14+); "
+                              "use the attention plugin instead")
         if requested == "auto":
             return "native" if native_layer else "plugin"
         return requested
