@@ -82,6 +82,8 @@ def test_engine_runs_every_batch_in_its_profile(vit_b32_fp16, tower):
         assert bool(torch.equal(out[:1], again)) and tuple(out.shape) == (batch, 512)
     with pytest.raises(UsageError, match="outside the engine's profile"):
         runner.infer({name: feed.repeat(2, *([1] * (feed.dim() - 1)))[: BATCH.max + 1]})
+    runner.close()
+    assert not runner.polygraphy.is_active
 
 
 def test_second_build_reuses_fitting_engines_with_no_rebuild(vit_b32_fp16):

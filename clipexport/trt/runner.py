@@ -69,6 +69,18 @@ class TensorRTRunner:
             self.dtypes[name] = dtypes[kind]
         self.profiles = {n: self._profile(n) for n in self.inputs}
 
+    def close(self) -> None:
+        """Free the execution context, stream and buffers (Polygraphy's deactivate); idempotent."""
+        runner = getattr(self, "polygraphy", None)
+        if runner is not None and runner.is_active:
+            runner.deactivate()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001, S110 - at interpreter exit CUDA may already be gone
+            pass
+
     def _profile(self, name: str) -> InputProfile:
         lo, opt, hi = self.engine.get_tensor_profile_shape(name, 0)
         return InputProfile(name, _dims(lo), _dims(opt), _dims(hi))
