@@ -360,6 +360,7 @@ def tower_engine(
     sizes: Sequence[int],
     trim: bool,
     progress: Progress,
+    compat: dict[str, Any] | None = None,
 ) -> Any:
     """The TensorRT step of one tower, run after its ONNX passed parity (clipexport.trt.pipeline).
 
@@ -388,7 +389,7 @@ def tower_engine(
 
     step = EngineStepOptions(
         build=EngineBuildOptions(options.builder_memory_limit, options.builder_optimization_level, timing),
-        no_rebuild=options.no_rebuild, previous_dir=previous_dir, previous_manifest=previous,
+        no_rebuild=options.no_rebuild, previous_dir=previous_dir, previous_manifest=previous, compat=compat,
     )
     return build_tower_engine(tower, onnx_path, staging, plan.recipe.towers[tower], plan.batch,
                               ref.context_length if tower == "text" else None, options.precision, choice, step,
@@ -510,6 +511,12 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
             parities[tower] = parity
             for name in written:
                 files[name] = file_sha256(staging.path / name)
+            with progress.stage(f"TensorRT compatibility of the {tower} tower"):
+                from clipexport.trt.compat import tower_verdict
+
+                verdict = tower_verdict(onnx_path, tower, plan.batch, ref.context_length if tower == "text" else None,
+                                        rtol=tolerance.max_rel_err, atol=tolerance.max_rel_err)
+            progress.say(f"    {verdict.summary()}")
             towers_json[tower] = {
                 "onnx": onnx_path.name,
                 "parameters": parameters,
@@ -524,6 +531,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 **({"quantization": pass_cfg.details["quantize"]} if "quantize" in pass_cfg.details else {}),
                 **({"calibration": calibration.to_json()} if calibration else {}),
                 "parity": parity.to_json(),
+                "tensorrt": verdict.to_json(),
                 "seconds": round(time.perf_counter() - tower_start, 2),
             }
             if plan.engines is not None and plan.engines.engines:
@@ -532,7 +540,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                         ref.materialize(tower)
                         module = _tower_module(ref, tower)
                     engine = tower_engine(plan, options, tower, onnx_path, staging.path, ref, module, tolerance,
-                                          sizes, trim, progress)
+                                          sizes, trim, progress, compat=towers_json[tower]["tensorrt"])
                     ref.release(tower)
                 towers_json[tower]["engine"] = engine.entry
                 files.update(engine.files)

@@ -40,6 +40,12 @@ def _tower_lines(directory: Path, entry: TowerEntry) -> list[str]:
         lines.append(f"    tokens: [batch, sequence], trimmed per batch to its longest text (at most {seq.max})"
                      if seq.dynamic else f"    tokens: [batch, {seq.max}], fixed length")
     lines.append(f"    parity: {_parity(entry.parity)}")
+    verdict = entry.raw.get("tensorrt")
+    if isinstance(verdict, dict):  # the TensorRT-compatibility verdict (clipexport.trt.compat)
+        from clipexport.trt.compat import summarize
+
+        lines.append(f"    {summarize(verdict)}")
+        lines.append(f"    compare on a GPU: {verdict.get('polygraphy')}")
     if entry.engine is not None:
         lines.append(f"    TensorRT engine: {entry.engine.file} ({human_bytes(_size(directory, entry.engine.file) or 0)})")
     return lines

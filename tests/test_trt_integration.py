@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from clipexport.recipes import BatchRange
+from clipexport.trt.compat import release_tuple
 from clipexport.trt.env import probe
 
 _AVAILABLE = probe()
@@ -47,6 +48,13 @@ def test_vit_b32_fp16_engines_are_built_verified_and_keyed(vit_b32_fp16):
         assert key["profiles"][0]["min"][0] == BATCH.min and key["profiles"][0]["max"][0] == BATCH.max
         assert engine["attention"]["expected"] >= 12  # ViT-B-32: 12 blocks per tower
         assert (result.out_dir / engine["layers"]).is_file()
+        # the compatibility gate let this TensorRT through and picked the attention mode from it
+        verdict = result.manifest["towers"][tower]["tensorrt"]
+        native = release_tuple(str(_AVAILABLE.tensorrt_version)) >= release_tuple(verdict["min_release"])
+        assert engine["attention_mode"] == ("native" if native else "plugin")
+    # Polygraphy's EngineBytesFromNetwork saved (merged) the timing cache
+    options, _ = vit_b32_fp16
+    assert options.timing_cache.is_file() and options.timing_cache.stat().st_size > 0
 
 
 @pytest.mark.parametrize("tower", ["image", "text"])
@@ -58,6 +66,9 @@ def test_engine_runs_every_batch_in_its_profile(vit_b32_fp16, tower):
 
     _, result = vit_b32_fp16
     runner = TensorRTRunner(result.out_dir / result.manifest["towers"][tower]["engine"]["file"])
+    from polygraphy.backend.trt import TrtRunner
+
+    assert isinstance(runner.polygraphy, TrtRunner) and runner.polygraphy.is_active
     (name,) = runner.inputs
     for batch in (1, 3, BATCH.max):
         if tower == "image":
@@ -67,8 +78,12 @@ def test_engine_runs_every_batch_in_its_profile(vit_b32_fp16, tower):
             feed[:, 0], feed[:, 10] = 49406, 49407
         (out,) = runner.infer({name: feed}).values()
         assert tuple(out.shape) == (batch, 512) and bool(torch.isfinite(out).all())
+        (again,) = runner.infer({name: feed[:1]}).values()  # Polygraphy reuses its buffers: ours are copies
+        assert bool(torch.equal(out[:1], again)) and tuple(out.shape) == (batch, 512)
     with pytest.raises(UsageError, match="outside the engine's profile"):
         runner.infer({name: feed.repeat(2, *([1] * (feed.dim() - 1)))[: BATCH.max + 1]})
+    runner.close()
+    assert not runner.polygraphy.is_active
 
 
 def test_second_build_reuses_fitting_engines_with_no_rebuild(vit_b32_fp16):
@@ -113,3 +128,27 @@ def test_attention_plugin_runs_inside_an_engine(tmp_path):
     assert float((got.float() - want).abs().max()) < 2e-3 * max(1.0, float(want.abs().max()))
     assert "clip_attention" in built.layer_information
     assert np.isfinite(got.float().cpu().numpy()).all()
+
+
+def test_parser_rejection_is_an_engine_error_with_the_parsers_words(tmp_path):
+    """Through Polygraphy's NetworkFromOnnxPath: its PolygraphyException becomes our EngineError, and
+    the parser's messages (logged by Polygraphy before it raises) are in it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from clipexport.errors import EngineError
+    from clipexport.trt.builder import EngineBuildOptions, build_engine
+    from clipexport.trt.profiles import InputProfile
+
+    w = helper.make_tensor("w", TensorProto.INT8, [4, 4], [1] * 16)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["x", "w"], ["y"], name="mmi")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.INT8, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, ["batch", 4])], [w])
+    path = tmp_path / "mmi.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+    seen: list[str] = []
+    with pytest.raises(EngineError, match="MatMulInteger") as err:
+        build_engine(path, [InputProfile("x", (1, 4), (2, 4), (4, 4))], EngineBuildOptions(), "none", seen.append)
+    assert str(err.value).startswith("TensorRT could not build an engine from mmi.onnx")
+    assert any("TensorRT error" in line for line in seen)

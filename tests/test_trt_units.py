@@ -16,7 +16,7 @@ from clipexport.recipes import BatchRange, load_recipes
 from clipexport.trt import env
 from clipexport.trt.cache import EngineKey, decide, key_differences, make_key
 from clipexport.trt.profiles import InputProfile, SequenceRange, graph_input_shapes, tower_profiles
-from clipexport.trt.timing_cache import default_timing_cache_path, read_timing_cache, write_timing_cache
+from clipexport.trt.timing_cache import default_timing_cache_path
 
 VIT = load_recipes()["vit"]
 
@@ -316,12 +316,3 @@ def test_timing_cache_path_is_per_tensorrt_and_gpu(tmp_path, monkeypatch):
     path = default_timing_cache_path("10.14.1.48", "NVIDIA H100 80GB HBM3", (9, 0))
     assert path == tmp_path / "timing" / "trt-10.14.1.48-NVIDIA_H100_80GB_HBM3-sm90.cache"
     assert path != default_timing_cache_path("10.14.1.48", "NVIDIA A100", (8, 0))
-
-
-def test_timing_cache_roundtrip_is_atomic(tmp_path):
-    path = tmp_path / "deep" / "t.cache"
-    assert read_timing_cache(path) == b""
-    write_timing_cache(path, b"\x00timings")
-    write_timing_cache(path, b"\x01newer")
-    assert read_timing_cache(path) == b"\x01newer"
-    assert [p.name for p in path.parent.iterdir()] == ["t.cache"]  # no temporary files left

@@ -3,12 +3,13 @@
     env.py              is TensorRT (the real bindings) here, which version, which GPU
     profiles.py         min/opt/max shapes per input from the recipe's batch range (+ token axis)
     cache.py            engine cache keys (ONNX sha256, TensorRT, GPU, profile, precision, settings)
-    timing_cache.py     where the persistent timing cache lives, atomic writes
-    builder.py          ONNX file -> strongly typed engine (TensorRT 10.x and 11.x)
+    timing_cache.py     where the persistent timing cache lives
+    builder.py          ONNX file -> strongly typed engine, composed of Polygraphy's loaders (10.x, 11.x)
+    compat.py           the TensorRT-compatibility gate: support_matrix.toml -> per-tower verdict
     layer_info.py       engine layer information (JSON) -> was each attention block fused?
     attention_kernel.py our Triton attention kernel (imports without a GPU)
     plugin.py           that kernel as an ahead-of-time TensorRT Python plugin
-    runner.py           run an engine on torch CUDA tensors; a verify.Candidate
+    runner.py           run an engine (Polygraphy's TrtRunner) on torch CUDA tensors; a verify.Candidate
     pipeline.py         the build's engine step
 
 Nothing here imports `tensorrt` at module import time: `import clipexport.trt` works

@@ -1,31 +1,40 @@
-"""Building a TensorRT engine from an optimized ONNX file: strongly typed, one optimization
-profile, builder memory limit and optimization level, persistent timing cache, detailed
-layer information for the attention check.
+"""Building a TensorRT engine from an optimized ONNX file, as a composition of Polygraphy's loaders:
 
-Supports TensorRT 10.x and 11.x. TensorRT 11 is always strongly typed and has no FP16/INT8
-builder flags; on 10.x we ask for a strongly typed network too. Either way the precision
-is what our passes wrote into the graph (casts, Q/DQ), so the same ONNX means the same
-numbers on ONNX Runtime and TensorRT. Enums are always looked up by name, never by value:
-TensorRT 11 renumbered them.
+    NetworkFromOnnxPath(path, strongly_typed)      parse from the path (external weights resolve)
+      └─ our strict profile check                  profile names == network inputs, nothing guessed
+    CreateConfig(profiles=[Profile], memory pool, optimization level, DETAILED verbosity, timing cache)
+    EngineBytesFromNetwork(..., save_timing_cache)  build, merge and save the timing cache (file-locked)
+    EngineFromBytes -> layer information (JSON)     the attention-fusion check (layer_info.py)
+
+What Polygraphy has no answer for stays ours: the engine cache key (cache.py), the attention
+plugin (plugin.py), the fusion check (layer_info.py), the profile rules (profiles.py).
+
+TensorRT 10.x and 11.x. Precision is what our passes wrote into the graph (casts, Q/DQ), so we
+never pass Polygraphy's fp16/bf16/int8/fp8 switches: they set builder flags that TensorRT 11
+removed (and on 10.x would let TensorRT pick precisions the graph does not say). TF32 stays off
+(Polygraphy's default): fp32 graphs must compute in fp32 to meet fp32 parity. Enums are looked
+up by name, never by value: TensorRT 11 renumbered them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from clipexport.errors import EngineError
-from clipexport.trt.env import has_native_attention, load_tensorrt
+from clipexport.trt.env import load_tensorrt, version_tuple
 from clipexport.trt.profiles import InputProfile
-from clipexport.trt.timing_cache import read_timing_cache, write_timing_cache
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
 ATTENTION_MODES = ("auto", "native", "plugin", "none")
 OPTIMIZATION_LEVELS = range(6)  # TensorRT's builder_optimization_level: 0..5, default 3
+POLYGRAPHY_LOGGER = "Polygraphy"  # the Python logger G_LOGGER writes to once use_python_logging_system is set
 
 
 @dataclass(frozen=True)
@@ -35,7 +44,7 @@ class EngineBuildOptions:
     memory_limit: int | None = None  # bytes of the WORKSPACE pool; None: TensorRT's default (device memory)
     optimization_level: int | None = None  # None: TensorRT's default (3)
     timing_cache: Path | None = None  # None: no persistent timing cache
-    attention: str = "auto"  # auto: native layer when available, else our plugin
+    attention: str = "auto"  # auto: chosen from the graph's TensorRT verdict (trt.compat.choose_attention)
 
     def __post_init__(self) -> None:
         if self.memory_limit is not None and self.memory_limit <= 0:
@@ -62,128 +71,113 @@ class BuiltEngine:
     warnings: list[str] = field(default_factory=list)
 
 
-def resolve_attention_mode(requested: str) -> str:
-    """`native` when TensorRT has the attention layer (10.14+), else `plugin`; explicit modes are checked."""
-    trt_module = load_tensorrt()
-    native = has_native_attention(trt_module)
-    if requested == "auto":
-        return "native" if native else "plugin"
-    if requested == "native" and not native:
-        raise EngineError(f"TensorRT {trt_module.__version__} has no native attention layer (needs 10.14+); "
-                          "use the attention plugin instead")
-    return requested
+class _Forward(logging.Handler):
+    """Polygraphy's (and, through its TensorRT logger, TensorRT's) messages -> our progress output.
+    Errors are kept: a PolygraphyException only says "Could not parse ONNX correctly"; the
+    parser's own messages were logged as errors just before."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        super().__init__(logging.INFO)
+        self.log = log
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage().strip()
+        if text.startswith("[") and "] " in text[:4]:  # Polygraphy's severity letter, e.g. "[E] "
+            text = text.split("] ", 1)[1]
+        if record.levelno >= logging.CRITICAL:
+            return  # the exception carries it
+        if record.levelno >= logging.ERROR:
+            self.errors.append(text)
+            self.log(f"    TensorRT error: {text}")
+        elif record.levelno >= logging.WARNING:
+            self.warnings.append(text)
+        elif record.levelno in (22, 28):  # Polygraphy's START / FINISH: "Building engine...", "Finished ... in 12 s"
+            self.log(f"    {text.splitlines()[0]}")
 
 
-def _make_logger(warnings: list[str], log: Callable[[str], None]) -> trt.ILogger:
-    import tensorrt as trt
+@contextmanager
+def polygraphy_session(what: str, log: Callable[[str], None] = lambda _msg: None) -> Iterator[_Forward]:
+    """Route Polygraphy's logger into `log` for the duration, and turn its PolygraphyException into
+    our EngineError carrying the errors logged before it (the ONNX parser's messages)."""
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
 
-    class _Logger(trt.ILogger):
-        """Forward TensorRT's warnings and errors to our progress output, and keep them."""
+    handler = _Forward(log)
+    target = logging.getLogger(POLYGRAPHY_LOGGER)
+    saved = (G_LOGGER.use_python_logging_system, target.propagate, target.level)
+    G_LOGGER.use_python_logging_system = True
+    target.addHandler(handler)
+    target.propagate, target.level = False, logging.INFO
+    try:
+        yield handler
+    except PolygraphyException as exc:
+        detail = [e for e in handler.errors if e != str(exc)] or [str(exc)]
+        raise EngineError(f"{what}: {exc}\n  " + "\n  ".join(detail)) from None
+    finally:
+        target.removeHandler(handler)
+        G_LOGGER.use_python_logging_system, target.propagate, target.level = saved[0], saved[1], saved[2]
 
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
 
-        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
-            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
-                warnings.append(f"error: {msg}")
-                log(f"    TensorRT error: {msg}")
-            elif severity == trt.ILogger.Severity.WARNING:
-                warnings.append(msg)
+def strongly_typed_flag(trt_module: Any) -> bool:
+    """What to pass as NetworkFromOnnxPath(strongly_typed=...).
 
-    return _Logger()
-
-
-def network_flags() -> tuple[int, bool]:
-    """(flags for Builder.create_network, strongly typed?).
-
-    10.x: STRONGLY_TYPED must be asked for. 11.x: networks are always strongly typed and the
-    flag may be gone; looking it up by name keeps us clear of renumbered enums.
+    10.x: STRONGLY_TYPED must be asked for. 11.x: networks are always strongly typed and the flag
+    may be gone; asking Polygraphy for it then fails ("strongly_typed is not available").
     """
-    import tensorrt as trt
-
-    from clipexport.trt.env import version_tuple
-
-    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    if flag is None:
-        if version_tuple(trt.__version__) < (11,):
-            raise EngineError(f"TensorRT {trt.__version__} cannot build strongly typed networks (needs 10.x with "
-                              "NetworkDefinitionCreationFlag.STRONGLY_TYPED, or 11+)")
-        return 0, True
-    return 1 << int(flag), True
+    if hasattr(trt_module.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        return True
+    if version_tuple(str(trt_module.__version__)) < (11,):
+        raise EngineError(f"TensorRT {trt_module.__version__} cannot build strongly typed networks (needs 10.x with "
+                          "NetworkDefinitionCreationFlag.STRONGLY_TYPED, or 11+)")
+    return False
 
 
-def _parse_onnx(network: trt.INetworkDefinition, logger: trt.ILogger, onnx_path: Path) -> None:
-    import tensorrt as trt
+def polygraphy_profile(profiles: Sequence[InputProfile]) -> Any:
+    """Our profiles as one Polygraphy Profile (no TensorRT needed to make it)."""
+    from polygraphy.backend.trt import Profile
 
-    parser = trt.OnnxParser(network, logger)
-    # From the path, not from bytes: weights in <name>.onnx.data next to it resolve this way.
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = []
-        for i in range(parser.num_errors):
-            err = parser.get_error(i)
-            errors.append(str(err.desc()) if hasattr(err, "desc") else str(err))
-        raise EngineError(f"TensorRT's ONNX parser rejected {onnx_path.name}:\n  " + "\n  ".join(errors or ["(no detail)"]))
+    profile = Profile()
+    for p in profiles:
+        profile.add(p.name, min=list(p.min), opt=list(p.opt), max=list(p.max))
+    return profile
 
 
-def _add_profile(builder: trt.Builder, config: trt.IBuilderConfig, network: trt.INetworkDefinition,
-                 profiles: Sequence[InputProfile]) -> None:
-    import tensorrt as trt
+def config_loader(trt_module: Any, profiles: Sequence[InputProfile], options: EngineBuildOptions) -> Any:
+    """Polygraphy's CreateConfig for our build: strongly typed, no precision switches, TF32 off."""
+    from polygraphy.backend.trt import CreateConfig
 
-    by_name = {p.name: p for p in profiles}
+    timing = options.timing_cache
+    pools = {trt_module.MemoryPoolType.WORKSPACE: options.memory_limit} if options.memory_limit is not None else None
+    return CreateConfig(
+        profiles=[polygraphy_profile(profiles)],
+        memory_pool_limits=pools,
+        builder_optimization_level=options.optimization_level,
+        # DETAILED: layer information names each layer's ONNX nodes and tactic (the attention check).
+        profiling_verbosity=trt_module.ProfilingVerbosity.DETAILED,
+        # A cache built by another TensorRT or GPU cannot exist under our per-version, per-GPU file name
+        # (timing_cache.default_timing_cache_path); a user-named one TensorRT refuses and starts empty.
+        load_timing_cache=str(timing) if timing is not None and timing.is_file() else None,
+    )
+
+
+def check_profile_names(network: trt.INetworkDefinition, profiles: Sequence[InputProfile]) -> None:
+    """Our profile must name exactly the network's inputs (Polygraphy would fill missing ones with defaults)."""
     names = [network.get_input(i).name for i in range(network.num_inputs)]
-    missing = [n for n in names if n not in by_name]
-    extra = [n for n in by_name if n not in names]
+    given = [p.name for p in profiles]
+    missing, extra = [n for n in names if n not in given], [n for n in given if n not in names]
     if missing or extra:
         raise EngineError(f"optimization profile does not match the network inputs {names}: "
                           f"missing {missing}, unknown {extra}")
-    profile = builder.create_optimization_profile()
-    for name in names:
-        p = by_name[name]
-        profile.set_shape(name, trt.Dims(list(p.min)), trt.Dims(list(p.opt)), trt.Dims(list(p.max)))
-    if config.add_optimization_profile(profile) < 0:
-        raise EngineError(f"TensorRT refused the optimization profile {[p.to_json() for p in profiles]}")
 
 
-def _configure(config: trt.IBuilderConfig, options: EngineBuildOptions) -> None:
-    import tensorrt as trt
-
-    if options.memory_limit is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.memory_limit)
-    if options.optimization_level is not None:
-        config.builder_optimization_level = options.optimization_level
-    # DETAILED: layer information names each layer's ONNX nodes and tactic (the attention check).
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    # TF32 is on by default; fp32 graphs must compute in fp32 to meet fp32 parity. Whatever
-    # lower precision we want is already in the graph.
-    tf32 = getattr(trt.BuilderFlag, "TF32", None)
-    if tf32 is not None:
-        config.clear_flag(tf32)
-
-
-def _load_timing_cache(config: trt.IBuilderConfig, path: Path | None, log: Callable[[str], None]) -> None:
-    data = read_timing_cache(path) if path is not None else b""
-    cache = config.create_timing_cache(data)
-    if not config.set_timing_cache(cache, False) and data:
-        # Built by another TensorRT or GPU: start fresh rather than mix timings.
-        log(f"    timing cache {path} does not fit this TensorRT/GPU; starting a new one")
-        config.set_timing_cache(config.create_timing_cache(b""), False)
-
-
-def _save_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> None:
-    if path is None:
-        return
-    serialized = config.get_timing_cache().serialize()
-    write_timing_cache(path, bytes(memoryview(serialized)))
-
-
-def layer_information(plan: bytes, logger: trt.ILogger | None = None) -> str:
+def layer_information(plan: bytes) -> str:
     """The engine's layer information as JSON (needs the GPU the engine was built for)."""
     import tensorrt as trt
+    from polygraphy.backend.trt import EngineFromBytes
 
-    runtime = trt.Runtime(logger or trt.Logger(trt.Logger.Severity.WARNING))
-    engine = runtime.deserialize_cuda_engine(plan)
-    if engine is None:
-        raise EngineError("TensorRT could not deserialize the engine it just built")
+    engine = EngineFromBytes(plan)()
     inspector = engine.create_engine_inspector()
     return str(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
 
@@ -197,37 +191,29 @@ def build_engine(
 ) -> BuiltEngine:
     """Build one engine from `onnx_path` (an optimized tower graph).
 
-    attention: "native", "plugin" or "none" (after resolve_attention_mode); with "plugin",
-    the graph must already carry our plugin nodes (passes.attention_plugin) and the plugin
-    is registered before parsing.
+    attention: "native", "plugin" or "none" (after compat.choose_attention); with "plugin", the
+    graph must already carry our plugin nodes (passes.attention_plugin) and the plugin is
+    registered before parsing. The plugin has only an ahead-of-time implementation, so no
+    PREFER_AOT_PYTHON_PLUGINS network flag is needed (that flag picks between AOT and JIT).
     """
-    load_tensorrt()
-    import tensorrt as trt
+    trt_module = load_tensorrt()
+    from polygraphy.backend.trt import EngineBytesFromNetwork, NetworkFromOnnxPath
 
     if attention == "plugin":
         from clipexport.trt.plugin import register_attention_plugin
 
         register_attention_plugin()
-    warnings: list[str] = []
-    logger = _make_logger(warnings, log)
-    builder = trt.Builder(logger)
-    flags, strongly_typed = network_flags()
-    if attention == "plugin":
-        # Prefer the ahead-of-time implementation: the engine must run without Python.
-        aot = getattr(trt.NetworkDefinitionCreationFlag, "PREFER_AOT_PYTHON_PLUGINS", None)
-        if aot is not None:
-            flags |= 1 << int(aot)
-    network = builder.create_network(flags)
-    _parse_onnx(network, logger, onnx_path)
-    config = builder.create_builder_config()
-    _configure(config, options)
-    _add_profile(builder, config, network, profiles)
-    _load_timing_cache(config, options.timing_cache, log)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        detail = "; ".join(w for w in warnings if w.startswith("error:")) or "see TensorRT's log above"
-        raise EngineError(f"TensorRT could not build an engine from {onnx_path.name}: {detail}")
-    plan = bytes(memoryview(serialized))
-    _save_timing_cache(config, options.timing_cache)
-    return BuiltEngine(plan=plan, layer_information=layer_information(plan, logger),
-                       tensorrt_version=str(trt.__version__), strongly_typed=strongly_typed, warnings=warnings)
+    strongly_typed = strongly_typed_flag(trt_module)
+    if options.timing_cache is not None:
+        options.timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    with polygraphy_session(f"TensorRT could not build an engine from {onnx_path.name}", log) as session:
+        builder, network, parser = NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed)()
+        check_profile_names(network, profiles)
+        plan = EngineBytesFromNetwork(
+            (builder, network, parser), config=config_loader(trt_module, profiles, options),
+            save_timing_cache=str(options.timing_cache) if options.timing_cache is not None else None,
+        )()
+        plan_bytes = bytes(memoryview(plan))
+        layers = layer_information(plan_bytes)
+    return BuiltEngine(plan=plan_bytes, layer_information=layers, tensorrt_version=str(trt_module.__version__),
+                       strongly_typed=True, warnings=session.warnings)

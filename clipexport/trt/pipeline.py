@@ -20,9 +20,18 @@ from typing import Any
 from clipexport.errors import BackendUnavailableError, EngineError, UsageError
 from clipexport.hashing import file_sha256
 from clipexport.recipes import BatchRange, TowerSpec
-from clipexport.trt.builder import EngineBuildOptions, build_engine, resolve_attention_mode
+from clipexport.trt.builder import EngineBuildOptions, build_engine
 from clipexport.trt.cache import decide, make_key
-from clipexport.trt.env import HOW_TO_GET_TENSORRT, GpuInfo, cuda_gpu, probe, tensorrt_version
+from clipexport.trt.compat import choose_attention
+from clipexport.trt.env import (
+    HOW_TO_GET_TENSORRT,
+    GpuInfo,
+    cuda_gpu,
+    has_native_attention,
+    load_tensorrt,
+    probe,
+    tensorrt_version,
+)
 from clipexport.trt.layer_info import (
     AttentionReport,
     attention_nodes_of,
@@ -55,6 +64,7 @@ def resolve_backend(backend: str) -> BackendChoice:
         return BackendChoice(engines=False)
     if backend == "tensorrt":
         version = tensorrt_version()  # raises BackendUnavailableError with the how-to
+        _check_floor(version)
         try:
             gpu = cuda_gpu()
         except BackendUnavailableError as exc:
@@ -66,7 +76,21 @@ def resolve_backend(backend: str) -> BackendChoice:
         return BackendChoice(engines=False, note=(
             f"TensorRT engines were not built, the ONNX files are complete: {found.reason}.{how}"
         ))
+    try:
+        _check_floor(str(found.tensorrt_version))
+    except BackendUnavailableError as exc:
+        return BackendChoice(engines=False, note=f"TensorRT engines were not built, the ONNX files are complete: {exc}")
     return BackendChoice(engines=True, tensorrt_version=found.tensorrt_version, gpu=found.gpu)
+
+
+def _check_floor(version: str) -> None:
+    """TensorRT older than the oldest release the support matrix targets: refused before any work."""
+    from clipexport.trt.compat import load_matrix, release_tuple
+
+    floor = load_matrix().targets[0]
+    if release_tuple(version) < release_tuple(floor):
+        raise BackendUnavailableError(f"TensorRT {version} is older than {floor}, the oldest release clipexport "
+                                      f"builds engines with; {HOW_TO_GET_TENSORRT}")
 
 
 @dataclass(frozen=True)
@@ -76,6 +100,7 @@ class EngineStepOptions:
     sequence_opt: int = DEFAULT_SEQUENCE_OPT
     previous_dir: Path | None = None  # an earlier artifact whose engines may be reused
     previous_manifest: dict[str, Any] | None = None
+    compat: dict[str, Any] | None = None  # the tower's TensorRT-compatibility verdict (trt.compat), if any
 
 
 @dataclass
@@ -144,12 +169,17 @@ def build_tower_engine(
 
     if not choice.engines or choice.gpu is None or choice.tensorrt_version is None:
         raise EngineError("build_tower_engine called without TensorRT and a GPU")
-    attention = resolve_attention_mode(options.build.attention)
+    # Refuse up front (before any file or build) when this TensorRT parses the graph neither as is
+    # nor after the attention-plugin pass; the verdict also picks the plugin pass when only it helps.
+    attention = choose_attention(options.compat, choice.tensorrt_version, options.build.attention,
+                                 has_native_attention(load_tensorrt()))
     files: dict[str, str] = {}
     engine_onnx = onnx_path
     if attention == "plugin":
         plugin_onnx = _use_plugin(onnx_path, staging, tower, options.build.attention, files, log)
         engine_onnx, attention = (plugin_onnx, "plugin") if plugin_onnx else (onnx_path, "none")
+        if attention == "none":  # the plugin did not apply: the graph as is must parse here
+            choose_attention(options.compat, choice.tensorrt_version, "none", False)
 
     profiles = tower_profiles(graph_input_shapes(engine_onnx), batch, tower, context_length, options.sequence_opt)
     settings = {**options.build.cache_settings(), "attention": attention}

@@ -1,15 +1,11 @@
-"""Running a TensorRT engine from Python, with PyTorch's CUDA tensors as device buffers.
+"""Running a TensorRT engine from Python: Polygraphy's TrtRunner, fed PyTorch CUDA tensors.
 
-Why torch: it is already what the build uses, it allocates device memory through its
-caching allocator (no cudaMalloc per call), and its streams hand TensorRT a raw
-`cudaStream_t` (`torch.cuda.Stream.cuda_stream`). So no pycuda / cuda-python is needed:
+    EngineFromBytes(plan) -> TrtRunner (its context, stream and output allocation)
+    feeds (CUDA tensors)  -> our profile and dtype checks -> TrtRunner.infer(copy_outputs_to_host=False)
+                          -> outputs as CUDA tensors (Polygraphy returns torch when fed torch)
 
-    feeds (CUDA tensors)  -> context.set_input_shape + set_tensor_address(data_ptr)
-    outputs: torch.empty(context.get_tensor_shape(name)) -> set_tensor_address
-    context.execute_async_v3(stream.cuda_stream); stream.synchronize()
-
-Inputs may have any batch (and, for a trimmed text tower, token count) inside the
-engine's optimization profile; outside it is a UsageError, not a TensorRT crash.
+Inputs may have any batch (and, for a trimmed text tower, token count) inside the engine's
+optimization profile; outside it is a UsageError, not a TensorRT crash.
 """
 
 from __future__ import annotations
@@ -43,27 +39,24 @@ def _dims(dims: trt.Dims) -> tuple[int, ...]:
 
 
 class TensorRTRunner:
-    """One deserialized engine and one execution context on one CUDA device."""
+    """One deserialized engine, activated in a Polygraphy TrtRunner on one CUDA device."""
 
     def __init__(self, plan: bytes | Path, device: int = 0) -> None:
         load_tensorrt()
         import tensorrt as trt
         import torch
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        from clipexport.trt.builder import polygraphy_session
 
         self.device = torch.device("cuda", device)
         data = plan.read_bytes() if isinstance(plan, Path) else plan
-        self._logger = trt.Logger(trt.Logger.Severity.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        with torch.cuda.device(self.device):
-            engine = self._runtime.deserialize_cuda_engine(data)
-            if engine is None:
-                raise EngineError("TensorRT could not deserialize the engine (built for another TensorRT or GPU?)")
-            self.engine: trt.ICudaEngine = engine
-            context = engine.create_execution_context()
-            if context is None:
-                raise EngineError("TensorRT could not create an execution context (out of GPU memory?)")
-            self.context: trt.IExecutionContext = context
-        self.stream = torch.cuda.Stream(device=self.device)
+        with torch.cuda.device(self.device), polygraphy_session(
+                "TensorRT could not load the engine (built for another TensorRT or GPU?)"):
+            self.polygraphy = TrtRunner(EngineFromBytes(data))
+            self.polygraphy.activate()
+        engine: trt.ICudaEngine = self.polygraphy.engine
+        self.engine = engine
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -76,6 +69,18 @@ class TensorRTRunner:
             self.dtypes[name] = dtypes[kind]
         self.profiles = {n: self._profile(n) for n in self.inputs}
 
+    def close(self) -> None:
+        """Free the execution context, stream and buffers (Polygraphy's deactivate); idempotent."""
+        runner = getattr(self, "polygraphy", None)
+        if runner is not None and runner.is_active:
+            runner.deactivate()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001, S110 - at interpreter exit CUDA may already be gone
+            pass
+
     def _profile(self, name: str) -> InputProfile:
         lo, opt, hi = self.engine.get_tensor_profile_shape(name, 0)
         return InputProfile(name, _dims(lo), _dims(opt), _dims(hi))
@@ -84,9 +89,11 @@ class TensorRTRunner:
         """Run once; feeds and results are CUDA tensors on this runner's device."""
         import torch
 
+        from clipexport.trt.builder import polygraphy_session
+
         if set(feeds) != set(self.inputs):
             raise UsageError(f"engine inputs are {self.inputs}; got {sorted(feeds)}")
-        keep: list[torch.Tensor] = []  # converted inputs must live until the stream is done
+        ready: dict[str, torch.Tensor] = {}
         for name in self.inputs:
             tensor = feeds[name]
             shape = tuple(int(s) for s in tensor.shape)
@@ -99,27 +106,13 @@ class TensorRTRunner:
                 if tensor.dtype.is_floating_point != want.is_floating_point:
                     raise UsageError(f"input {name!r} is {tensor.dtype}; the engine takes {want}")
                 tensor = tensor.to(want)
-            tensor = tensor.to(self.device, non_blocking=True).contiguous()
-            keep.append(tensor)
-            if not self.context.set_input_shape(name, shape):
-                raise EngineError(f"TensorRT refused input shape {shape} for {name!r}")
-            self.context.set_tensor_address(name, int(tensor.data_ptr()))
-        results: dict[str, torch.Tensor] = {}
-        for name in self.outputs:
-            shape = _dims(self.context.get_tensor_shape(name))
-            if any(s < 0 for s in shape):
-                raise EngineError(f"output {name!r} shape {shape} is unresolved after setting the input shapes")
-            out = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
-            self.context.set_tensor_address(name, int(out.data_ptr()))
-            results[name] = out
-        # Inputs were produced on the current stream; make ours wait for them.
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise EngineError("TensorRT execution failed (execute_async_v3 returned False)")
-        self.stream.synchronize()
-        del keep
-        return results
+            ready[name] = tensor.to(self.device).contiguous()
+        # Inputs were produced on torch's current stream; Polygraphy's stream must not overtake it.
+        torch.cuda.current_stream(self.device).synchronize()
+        with torch.cuda.device(self.device), polygraphy_session("TensorRT execution failed"):
+            out = self.polygraphy.infer(ready, copy_outputs_to_host=False)
+        # Polygraphy's output allocator reuses its buffers on the next call: hand out copies.
+        return {name: out[name].clone() for name in self.outputs}
 
 
 class TensorRTCandidate:

@@ -1,16 +1,15 @@
-"""Where TensorRT's timing cache lives, and writing it safely.
+"""Where TensorRT's timing cache lives (Polygraphy loads, merges and saves it under a file lock).
 
 TensorRT times candidate kernels while building; the timing cache remembers the winners,
 so the second build of a tower (or of its other precision) takes a fraction of the time.
 A cache is only meaningful for one TensorRT version on one GPU model, so the file name
-carries both; TensorRT also checks and refuses a foreign cache, which we then replace.
+carries both; TensorRT also checks and refuses a foreign cache (the build then starts an empty one).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 
@@ -27,24 +26,3 @@ def default_timing_cache_path(tensorrt_version: str, gpu_name: str, compute_capa
     gpu = re.sub(r"[^A-Za-z0-9._-]+", "_", gpu_name).strip("_") or "gpu"
     sm = f"sm{compute_capability[0]}{compute_capability[1]}"
     return cache_root() / "timing" / f"trt-{tensorrt_version}-{gpu}-{sm}.cache"
-
-
-def read_timing_cache(path: Path) -> bytes:
-    """The stored cache bytes, or b"" when there is none yet (TensorRT then starts an empty one)."""
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return b""
-
-
-def write_timing_cache(path: Path, data: bytes) -> None:
-    """Write atomically: a concurrent build reads either the old or the new cache, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
