@@ -298,14 +298,18 @@ class TritonServer:
             self.kill()
             return self.process.wait()
 
-    def kill(self) -> None:
-        """SIGKILL tritonserver and everything in its session (the Python-backend stubs)."""
+    def kill(self, wait: bool = True) -> None:
+        """SIGKILL tritonserver and everything in its session (the Python-backend stubs).
+
+        wait=False from a signal handler: the interrupted main thread may be inside wait() itself.
+        """
         if self.process is None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=10)
+        if wait:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=10)
 
     def close(self) -> None:
         if self.process is not None and self.process.poll() is None:
