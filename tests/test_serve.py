@@ -128,14 +128,22 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0(vit_artifact: Path, rt:
     server = Served(vit_artifact, "--normalize", "--max-queue-delay-us", "2000000", "--exit-timeout", "20",
                     log_dir=tmp_path).wait_ready()
     images = encoded_images(3, seed=3)
+    import tritonclient.http as httpclient
+
+    keep_alive = httpclient.InferenceServerClient(server.http_url)  # a connection opened before the signal
     try:
-        with ThreadPoolExecutor(4) as pool:
+        tensor = httpclient.InferInput("image", [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[images[0]]], dtype=object))
+        assert keep_alive.infer("clip_image", [tensor]).as_numpy("embedding").shape == (1, 24)
+        with ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(infer_http, server.http_url, "clip_image", "image", [im], 30) for im in images]
             time.sleep(0.8)
             sent = time.monotonic()
             server.process.send_signal(signal.SIGTERM)
             time.sleep(0.2)
             late = pool.submit(infer_http, server.http_url, "clip_image", "image", images[:1], 10)
+            # Triton keeps serving open connections after SIGTERM; the drain must refuse them too.
+            reused = pool.submit(keep_alive.infer, "clip_image", [tensor])
             status = server.process.wait(30)
             took = time.monotonic() - sent
         expected = rt.encode_image(images, normalize=True)
@@ -144,8 +152,10 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0(vit_artifact: Path, rt:
             assert abs(float(np.linalg.norm(got)) - 1.0) < 1e-5  # --normalize
             assert float(np.abs(got - row).max()) < 1e-5
         assert late.exception() is not None  # not accepted after the signal
+        assert reused.exception() is not None
         assert status == 0 and took < 20, (status, took, server.log_tail())
     finally:
+        keep_alive.close()
         server.kill()
 
 

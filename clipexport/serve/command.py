@@ -3,8 +3,11 @@
 The command checks the artifact (clipexport.load: every file against manifest.json), writes the
 model repository into a temporary directory, starts tritonserver on it and waits. Signals:
 
-    first SIGTERM / SIGINT   tritonserver stops taking requests, answers those in flight, exits;
-                             we exit 0 (or 1 when it could not finish within --exit-timeout)
+    first SIGTERM / SIGINT   every model is unloaded: Triton refuses new requests (on open
+                             connections too) and answers those it holds first; then tritonserver
+                             gets SIGTERM (SIGKILL if it still waits for idle client connections
+                             after 5 s). We exit 0, or 1 when requests were still in flight after
+                             --exit-timeout seconds.
     a second one             tritonserver and its Python stubs get SIGKILL; we exit at once
                              with status 128 + the signal's number
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -79,10 +83,9 @@ def serve(directory: Path, host: str, http_port: int, grpc_port: int, metrics_po
         state["signals"] += 1
         server = state["server"]
         if state["signals"] == 1:
+            # The main loop drains: HTTP calls do not belong in a signal handler.
             click.echo(f"{signal.Signals(signum).name}: finishing requests in flight (up to {exit_timeout_s} s); "
                        "send it again to stop at once", err=True)
-            if server is not None:
-                server.signal(signal.SIGTERM)
             return
         if server is not None:
             server.kill(wait=False)
@@ -129,16 +132,20 @@ def serve(directory: Path, host: str, http_port: int, grpc_port: int, metrics_po
                        f"  metrics  {server.metrics_url}", nl=True)
             sys.stdout.flush()
             assert server.process is not None
-            status = server.process.wait()
-            while state["signals"] == 0 and status is None:  # pragma: no cover (wait() returns a status)
-                status = server.process.wait()
-            if state["signals"]:
-                if status != 0:
-                    raise ClipExportError(f"tritonserver exited with status {status} while stopping "
-                                          f"(requests still in flight after {exit_timeout_s} s?)")
-                click.echo("stopped", err=True)
-                return
-            raise ClipExportError(f"tritonserver exited on its own with status {status} (its log is above)")
+            status = server.process.poll()
+            while status is None and not state["signals"]:
+                try:
+                    status = server.process.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    pass
+            if status is not None:
+                raise ClipExportError(f"tritonserver exited on its own with status {status} (its log is above)")
+            drained, status = server.shutdown(drain_timeout_s=exit_timeout_s)
+            if not drained:
+                raise ClipExportError(f"requests were still in flight after {exit_timeout_s} s (--exit-timeout); "
+                                      f"tritonserver exited with status {status}")
+            click.echo("stopped", err=True)
+            return
         except ClipExportError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)

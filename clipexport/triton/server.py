@@ -109,7 +109,12 @@ class Ports:
 
 def server_command(repo: Path, ports: Ports, backend_dir: Path, host: str = "127.0.0.1",
                    exit_timeout_s: int = DEFAULT_EXIT_TIMEOUT_S, bundled: BundledTriton | None = None) -> list[str]:
-    """The tritonserver command line: every endpoint on `host`, models all loaded or none."""
+    """The tritonserver command line: every endpoint on `host`, models all loaded or none.
+
+    Explicit model control (every model loaded at start) so that drain() can unload them: the
+    one way Triton refuses new requests on open keep-alive connections while it finishes the
+    requests already queued (after SIGTERM it keeps serving open connections until they close).
+    """
     bundled = bundled or bundled_triton()
     return [str(bundled.binary), "--model-repository", str(repo), "--backend-directory", str(backend_dir),
             "--http-address", host, "--http-port", str(ports.http),
@@ -117,6 +122,7 @@ def server_command(repo: Path, ports: Ports, backend_dir: Path, host: str = "127
             "--metrics-address", host, "--metrics-port", str(ports.metrics),
             "--allow-metrics", "true", "--allow-gpu-metrics", "false", "--allow-cpu-metrics", "true",
             "--strict-readiness", "true", "--exit-on-error", "true", "--exit-timeout-secs", str(exit_timeout_s),
+            "--model-control-mode", "explicit", "--load-model", "*",
             "--log-verbose", "0"]
 
 
@@ -194,6 +200,21 @@ def prepare_environment(workdir: Path, bundled: BundledTriton | None = None,
     env["PATH"] = os.pathsep.join([str(venv / "bin"), env.get("PATH", "")])
     env.pop("PYTHONHOME", None)
     return backend_dir, env
+
+
+def _post(url: str, timeout_s: float) -> None:
+    request = urllib.request.Request(url, data=b"{}", method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        response.read()
+
+
+def model_states(http_url: str, timeout_s: float = 2.0) -> dict[str, str]:
+    """{model name: state} from Triton's repository index (READY, UNLOADING, UNAVAILABLE, ...)."""
+    import json
+
+    request = urllib.request.Request(f"http://{http_url}/v2/repository/index", data=b"{}", method="POST")
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        return {str(m["name"]): str(m.get("state", "")) for m in json.loads(response.read())}
 
 
 def ready(http_url: str, timeout_s: float = 1.0) -> bool:
@@ -288,6 +309,40 @@ class TritonServer:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signum)
 
+    def drain(self, timeout_s: float | None = None) -> bool:
+        """Stop taking requests and finish those Triton holds: unload every model and wait.
+
+        New requests (on new or open connections) get "model not ready" at once; the queued and
+        running ones are answered first (Triton unloads a model after its in-flight requests).
+        True when every model was unloaded within `timeout_s` (default: the exit timeout).
+        """
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.exit_timeout_s)
+        try:
+            names = list(model_states(self.http_url))
+            for name in names:
+                _post(f"http://{self.http_url}/v2/repository/models/{name}/unload", timeout_s=5.0)
+            while time.monotonic() < deadline:
+                states = model_states(self.http_url)
+                if all(states.get(n) not in ("READY", "UNLOADING", "LOADING") for n in names):
+                    return True
+                time.sleep(0.1)
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+        return False
+
+    def shutdown(self, drain_timeout_s: float | None = None, grace_s: float = 5.0) -> tuple[bool, int]:
+        """drain(), then SIGTERM; SIGKILL when tritonserver still waits for clients' open
+        connections after `grace_s` (nothing is left in flight by then). Returns (drained, status)."""
+        assert self.process is not None
+        drained = self.drain(drain_timeout_s)
+        self.signal(signal.SIGTERM)
+        try:
+            status = self.process.wait(timeout=grace_s if drained else self.exit_timeout_s + 5)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            status = 0 if drained else -signal.SIGKILL
+        return drained, status if status is not None else -1
+
     def stop(self, timeout_s: float | None = None) -> int:
         """SIGTERM: Triton stops taking requests, answers those in flight, exits. Returns its status."""
         assert self.process is not None
@@ -340,4 +395,4 @@ def _url_host(host: str) -> str:
 
 
 __all__ = ["DEFAULT_EXIT_TIMEOUT_S", "BundledTriton", "Ports", "ServerError", "TritonServer", "bundled_triton",
-           "prepare_environment", "ready", "server_command", "stub_path_first"]
+           "model_states", "prepare_environment", "ready", "server_command", "stub_path_first"]
