@@ -198,3 +198,45 @@ def test_max_batch_over_the_artifact_is_refused(vit_artifact: Path) -> None:
                               str(batch_max + 1)], capture_output=True, text=True, timeout=120, check=False)
     assert process.returncode == 1
     assert f"--max-batch {batch_max + 1}: this artifact was verified for batches of 1..{batch_max}" in process.stderr
+
+
+def test_readme_serve_snippets_run_against_a_live_server(vit_artifact: Path, rt: Runtime, tmp_path: Path) -> None:
+    """The README's serve command (its options, on the twin artifact and free ports), then its
+    tritonclient snippet executed and its curl request sent as written (host:port replaced)."""
+    import re
+    import shlex
+    import tomllib
+    import urllib.request
+
+    require_bundled_triton()
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    start = readme.index("## `clipexport serve`")
+    section = readme[start:readme.index("\n## ", start + 1)]
+    bash = [b.strip() for b in re.findall(r"```bash\n(.*?)```", section, flags=re.S)]
+    (python_snippet,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    install, command = bash[0].splitlines()
+    assert install == "pip install 'clipexport[serve]'"
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(d.startswith("nvidia-pytriton") for d in extras["serve"])
+    args = shlex.split(command)
+    assert args[:2] == ["clipexport", "serve"]
+
+    server = Served(vit_artifact, *args[3:], log_dir=tmp_path).wait_ready()
+    try:
+        namespace: dict[str, object] = {}
+        exec(python_snippet.replace("127.0.0.1:8000", server.http_url), namespace)  # noqa: S102 (the README's code)
+        emb = np.asarray(namespace["emb"])
+        expected = rt.encode_text(["a photo of a cat", "a diagram"], normalize=True)
+        assert emb.shape == (2, 24) and float(np.abs(emb - expected).max()) < 1e-5
+
+        curl = shlex.split(bash[1])
+        assert curl[:2] == ["curl", "-s"] and curl[3] == "-d"
+        request = urllib.request.Request("http://" + curl[2].replace("127.0.0.1:8000", server.http_url),
+                                         data=curl[4].encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            (output,) = json.loads(response.read())["outputs"]
+        assert output["name"] == "embedding" and output["shape"] == [1, 24]
+        assert float(np.abs(np.array(output["data"], np.float32) - expected[0]).max()) < 1e-5
+    finally:
+        server.kill()

@@ -48,6 +48,7 @@ from clipexport.errors import ClipExportError, UsageError
 
 #: Seconds tritonserver waits for in-flight requests after SIGTERM/SIGINT before it gives up.
 DEFAULT_EXIT_TIMEOUT_S = 30
+GUARD_FILE = Path(__file__).with_name("guard.py")
 #: Directories put first on the stub's sys.path (os.pathsep-separated), e.g. one holding numpy<2.
 STUB_PATH_ENV = "CLIPEXPORT_TRITON_PYTHONPATH"
 STUB_SITE_DIR = "triton-stub-site"
@@ -226,26 +227,13 @@ def ready(http_url: str, timeout_s: float = 1.0) -> bool:
         return False
 
 
-def _death_signal() -> Any:
-    """A preexec_fn for Popen: the child gets SIGKILL when the thread that started it ends (with its
-    process, even by SIGKILL), so no orphaned tritonserver keeps the ports. Linux only; else None.
-
-    prctl is looked up here, before the fork, so the child only calls a resolved C function.
-    """
-    import ctypes
-
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return lambda: prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 class TritonServer:
     """tritonserver on `repo` as a child process; a context manager that waits for readiness.
 
-    The child runs in its own session, so a Ctrl-C in a terminal reaches only us and we decide
-    what tritonserver gets. Its log goes to `log` (default: a file in the work directory).
+    The child is guard.py, which runs tritonserver in a session of its own and kills that whole
+    session (tritonserver and its Python stubs) when it ends or when we die, even by SIGKILL. A
+    Ctrl-C in a terminal reaches only us; we decide what tritonserver gets. Its log goes to `log`
+    (default: a file in the work directory).
     """
 
     def __init__(self, repo: Path, ports: Ports | None = None, host: str = "127.0.0.1",
@@ -284,9 +272,9 @@ class TritonServer:
             out: Any = open(self.log_path, "wb")  # noqa: SIM115 (kept open for the child's lifetime)
         else:
             out = self._log
-        self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True,
-                                        preexec_fn=_death_signal())  # noqa: PLW1509 (see _death_signal)
+        guard = [sys.executable, "-I", str(GUARD_FILE), str(os.getpid())]
+        self.process = subprocess.Popen([*guard, *command], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -354,14 +342,14 @@ class TritonServer:
             return self.process.wait()
 
     def kill(self, wait: bool = True) -> None:
-        """SIGKILL tritonserver and everything in its session (the Python-backend stubs).
+        """SIGKILL tritonserver and everything in its session (the Python-backend stubs), via the guard.
 
         wait=False from a signal handler: the interrupted main thread may be inside wait() itself.
         """
         if self.process is None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
+            os.kill(self.process.pid, signal.SIGUSR1)
         if wait:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=10)
@@ -369,10 +357,6 @@ class TritonServer:
     def close(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.stop()
-        if self.process is not None:
-            # Stubs left behind by a server that did not exit cleanly.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.process.pid, signal.SIGKILL)
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
