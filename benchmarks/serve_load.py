@@ -43,7 +43,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from clipexport.triton.server import Ports  # noqa: E402
+from clipexport.triton.server import Ports
 
 CLASSES = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead", "electric ray", "stingray",
            "cock", "hen", "ostrich", "brambling", "goldfinch", "house finch", "junco", "indigo bunting", "robin"]
@@ -195,11 +195,14 @@ class Outcome:
 
 
 def closed_loop(url: str, model: str, name: str, items: list[bytes], concurrency: int, requests: int,
-                time_limit_s: float, timeout_s: float = 30.0, stop_on_error: bool = False) -> list[Outcome]:
-    """`concurrency` clients, each sending one item and waiting, until `requests` were sent in all."""
+                time_limit_s: float, timeout_s: float = 30.0, stop_on_error: bool = False,
+                outcomes: list[Outcome] | None = None) -> list[Outcome]:
+    """`concurrency` clients, each sending one item and waiting, until `requests` were sent in all.
+
+    outcomes: a list to append to as answers come (another thread may watch it)."""
     counter = iter(range(requests))
     lock = threading.Lock()
-    outcomes: list[Outcome] = []
+    outcomes = [] if outcomes is None else outcomes
     deadline = time.monotonic() + time_limit_s
 
     def worker() -> None:
@@ -294,19 +297,28 @@ def run_load(server: Serve, rt: Any, images: list[bytes], texts: list[str], conc
 
 # -- faults ------------------------------------------------------------------------------------
 
+def _wait_for_answers(outcomes: list[Outcome], count: int, limit_s: float) -> None:
+    """Until `count` requests were answered (the load is running at full concurrency), at most limit_s."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline and sum(o.ok for o in list(outcomes)) < count:
+        time.sleep(0.05)
+
+
 def fault_sigterm(artifact: Path, images: list[bytes], args: list[str]) -> dict[str, Any]:
     server = Serve(artifact, args)
     result: dict[str, Any] = {}
     signal_at: list[float] = []
 
+    outcomes: list[Outcome] = []
+
     def send_signal() -> None:
-        time.sleep(2.0)
+        _wait_for_answers(outcomes, 16, 60)
         signal_at.append(time.perf_counter())
         server.process.send_signal(signal.SIGTERM)
 
     threading.Thread(target=send_signal, daemon=True).start()
-    outcomes = closed_loop(server.url, "clip_image", "image", images, 16, 100_000, 60, timeout_s=30,
-                           stop_on_error=True)
+    closed_loop(server.url, "clip_image", "image", images, 16, 100_000, 120, timeout_s=60, stop_on_error=True,
+                outcomes=outcomes)
     status = server.process.wait(60)
     exited = time.perf_counter()
     t = signal_at[0]
@@ -324,26 +336,28 @@ def fault_sigterm(artifact: Path, images: list[bytes], args: list[str]) -> dict[
     return result
 
 
-def fault_sigkill(artifact: Path, images: list[bytes], args: list[str], timeout_s: float = 10.0) -> dict[str, Any]:
+def fault_sigkill(artifact: Path, images: list[bytes], args: list[str], timeout_s: float = 30.0) -> dict[str, Any]:
     server = Serve(artifact, args)
     client = _client(server.url, timeout_s)
     reference = np.stack([_request(client, "clip_image", "image", im)[0] for im in images[:4]])
     client.close()
     killed_at: list[float] = []
 
+    outcomes: list[Outcome] = []
+
     def kill() -> None:
-        time.sleep(2.0)
+        _wait_for_answers(outcomes, 16, 60)
         killed_at.append(time.perf_counter())
         server.process.send_signal(signal.SIGKILL)
 
     workdirs = _serve_workdirs(server.process.pid)
     threading.Thread(target=kill, daemon=True).start()
     start = time.perf_counter()
-    outcomes = closed_loop(server.url, "clip_image", "image", images, 16, 100_000, 60, timeout_s=timeout_s,
-                           stop_on_error=True)
+    closed_loop(server.url, "clip_image", "image", images, 16, 100_000, 120, timeout_s=timeout_s,
+                stop_on_error=True, outcomes=outcomes)
     t = killed_at[0]
     failed = [o for o in outcomes if not o.ok]
-    hung = time.perf_counter() - start > 60
+    hung = time.perf_counter() - start > 120
     time.sleep(1.0)
     leftovers = len(_processes_mentioning(workdirs))
     restarted = Serve(artifact, args, ports=server.ports)  # the same ports: freed by the kill
@@ -477,7 +491,10 @@ def render(meta: dict[str, Any], rows: list[LoadRow], faults: dict[str, Any]) ->
              f"load average {meta['load_before'][0]:.1f} when the run started and {meta['load_after'][0]:.1f} "
              "when it ended. The clients (Python threads) run on the same two cores as the server, so served "
              "throughput pays for the load generator too. Compare the ratios (measured back to back in this "
-             "run), not the absolute numbers.", "",
+             "run), not the absolute numbers. A ratio above 1 is not a real speed-up: the server does the same "
+             "work plus transport. A likely cause (not measured) is that, with other jobs runnable, the "
+             "served setup (client, tritonserver and stub processes) gets a larger share of the contended CPU "
+             "than the one in-process loop.", "",
              "## Load", "",
              f"Closed loop: each client sends one item per HTTP request and waits; {meta['requests']} requests per "
              "run (time limit {0} s). *In-process*: `Runtime.encode_image/encode_text` on the same inputs "
@@ -499,7 +516,7 @@ def render(meta: dict[str, Any], rows: list[LoadRow], faults: dict[str, Any]) ->
                   "from the first run.)", ""]
     s = faults.get("sigterm")
     if s:
-        lines += ["**SIGTERM under load** (16 clients, closed loop, image; the signal after 2 s):",
+        lines += ["**SIGTERM under load** (16 clients, closed loop, image; the signal once 16 requests were answered):",
                   f"- requests in flight at the signal: {s['in_flight_at_signal']}, answered: "
                   f"{s['in_flight_answered']}" + (f" (failures: {s['in_flight_failed']})" if s["in_flight_failed"] else ""),
                   f"- requests sent after the signal: {s['sent_after_signal']}, answered: "
@@ -508,7 +525,7 @@ def render(meta: dict[str, Any], rows: list[LoadRow], faults: dict[str, Any]) ->
                   f"- `clipexport serve` exit status {s['exit_status']}, {s['exit_s']} s after the signal", ""]
     k = faults.get("sigkill")
     if k:
-        lines += ["**SIGKILL under load** (of the `clipexport serve` process; 16 clients, client timeout "
+        lines += ["**SIGKILL under load** (of the `clipexport serve` process, once 16 requests were answered; 16 clients, client timeout "
                   f"{k['client_timeout_s']} s):",
                   f"- {k['clients_with_error']} of {k['clients']} clients got an error, the last "
                   f"{k['slowest_error_after_kill_s']} s after the kill (errors: {', '.join(k['errors'])}); "
@@ -534,6 +551,12 @@ def render(meta: dict[str, Any], rows: list[LoadRow], faults: dict[str, Any]) ->
     return "\n".join(lines) + "\n"
 
 
+def _row(saved: dict[str, Any]) -> LoadRow:
+    row = LoadRow(**{k: v for k, v in saved.items() if k != "ratio"})
+    row.batches = {int(b): n for b, n in row.batches.items()}
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifact", type=Path, help="an artifact to serve (default: build ViT-B-32 fp32 here)")
@@ -543,11 +566,18 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-queue-delay-us", type=int, default=2000)
     parser.add_argument("--skip-faults", action="store_true")
+    parser.add_argument("--render", type=Path, help="only write --out again from this serve.json")
     parser.add_argument("--load-from", type=Path, help="take the load table from this earlier serve.json "
                         "(rerun only the faults)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "serve.md")
     args = parser.parse_args()
 
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        rows = [_row(r) for r in saved["load"]]
+        args.out.write_text(render(saved["meta"], rows, saved["faults"]), encoding="utf-8")
+        print(f"wrote {args.out}")
+        return
     artifact = args.artifact
     if artifact is None or not (artifact / "manifest.json").exists():
         artifact = artifact or Path(tempfile.mkdtemp(prefix="serve-load-")) / "ViT-B-32-none-fp32"
@@ -566,11 +596,7 @@ def main() -> None:
         earlier = json.loads(args.load_from.read_text())
         meta.update({k: earlier["meta"][k] for k in ("date", "load_before", "requests", "time_limit_s")})
         meta["faults_date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        rows = []
-        for r in earlier["load"]:
-            row = LoadRow(**{k: v for k, v in r.items() if k != "ratio"})
-            row.batches = {int(b): n for b, n in row.batches.items()}
-            rows.append(row)
+        rows = [_row(r) for r in earlier["load"]]
     else:
         print("load runs", flush=True)
         server = Serve(artifact, serve_args)

@@ -84,6 +84,7 @@ def test_bad_requests_fail_alone_inside_one_dynamic_batch(served: Served, rt: Ru
     formed = {size: count - before.get(size, 0) for size, count in after.items() if count != before.get(size, 0)}
     assert formed == {6: 1}, f"expected the 6 requests in one batch, Triton formed {formed}"
     assert "image 0" in str(results[1]) and "not an image file" in str(results[1])
+    assert all(str(results[i]).startswith("[400]") for i in (1, 3, 4)), results  # the client's fault, not ours
     assert "empty (0 bytes)" in str(results[3])
     assert f"over this server's limit of {MAX_REQUEST_BYTES}" in str(results[4])
     for i, row in ((0, 0), (2, 1), (5, 2)):
@@ -205,16 +206,17 @@ def test_readme_serve_snippets_run_against_a_live_server(vit_artifact: Path, rt:
     tritonclient snippet executed and its curl request sent as written (host:port replaced)."""
     import re
     import shlex
-    import tomllib
     import urllib.request
+
+    import tomllib
 
     require_bundled_triton()
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text(encoding="utf-8")
     start = readme.index("## `clipexport serve`")
     section = readme[start:readme.index("\n## ", start + 1)]
-    bash = [b.strip() for b in re.findall(r"```bash\n(.*?)```", section, flags=re.S)]
-    (python_snippet,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    bash = [b.strip() for b in re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)]
+    (python_snippet,) = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
     install, command = bash[0].splitlines()
     assert install == "pip install 'clipexport[serve]'"
     extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
@@ -240,3 +242,31 @@ def test_readme_serve_snippets_run_against_a_live_server(vit_artifact: Path, rt:
         assert float(np.abs(np.array(output["data"], np.float32) - expected[0]).max()) < 1e-5
     finally:
         server.kill()
+
+
+def test_serve_repository_configs(vit_artifact: Path, tmp_path: Path) -> None:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from clipexport.errors import UsageError
+    from clipexport.serve import ServeOptions, write_serve_repository
+
+    repo = write_serve_repository(vit_artifact, tmp_path / "repo", ("image", "text"), 24, 64,
+                                  ServeOptions(max_batch=4, max_queue_delay_us=750, instances=2, normalize=True,
+                                               backend="onnxruntime", device="cpu"))
+    assert repo.models == {"image": "clip_image", "text": "clip_text"} and repo.max_batch == 4
+    for tower, name in repo.models.items():
+        config = text_format.Parse((tmp_path / "repo" / name / "config.pbtxt").read_text(),
+                                   model_config_pb2.ModelConfig())
+        assert (config.name, config.backend, config.max_batch_size) == (name, "python", 4)
+        assert [(i.name, model_config_pb2.DataType.Name(i.data_type), list(i.dims)) for i in config.input] == [
+            (tower, "TYPE_STRING", [1])]
+        assert [(o.name, model_config_pb2.DataType.Name(o.data_type), list(o.dims)) for o in config.output] == [
+            ("embedding", "TYPE_FP32", [24])]
+        assert [(g.count, g.kind) for g in config.instance_group] == [(2, model_config_pb2.ModelInstanceGroup.KIND_CPU)]
+        assert config.dynamic_batching.max_queue_delay_microseconds == 750
+        cfg = json.loads((tmp_path / "repo" / name / "1" / "clipexport.json").read_text())
+        assert (cfg["artifact"], cfg["backend"], cfg["device"], cfg["normalize"]) == (
+            str(vit_artifact.resolve()), "onnxruntime", "cpu", True)
+    with pytest.raises(UsageError, match="verified for batches of 1..64"):
+        write_serve_repository(vit_artifact, tmp_path / "other", ("image",), 24, 64, ServeOptions(max_batch=65))

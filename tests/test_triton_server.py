@@ -98,3 +98,16 @@ def test_real_server_bad_request_fails_alone(server: object, rt: Runtime) -> Non
     from clipexport.triton.server import ready
 
     assert ready(url)
+
+
+def test_cli_encoder_python(vit_artifact: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from clipexport.cli import cli
+
+    result = CliRunner().invoke(cli, ["triton", str(vit_artifact), "--out", str(tmp_path / "repo"), "--kind", "cpu",
+                                      "--encoder", "python", "--towers", "text"])
+    assert result.exit_code == 0, result.output
+    assert "clip_text: clip_text_tokenize -> clip_text_encoder (python)" in result.output
+    assert (tmp_path / "repo" / "clip_text_encoder" / "1" / "model.py").read_bytes() == (
+        Path(__file__).resolve().parents[1] / "clipexport" / "triton" / "python_encoder.py").read_bytes()

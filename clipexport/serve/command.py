@@ -77,7 +77,7 @@ def serve(directory: Path, host: str, http_port: int, grpc_port: int, metrics_po
     from clipexport.serve.repository import ServeOptions, write_serve_repository
     from clipexport.triton.server import Ports, ServerError, TritonServer, bundled_triton, stub_path_first
 
-    state: dict[str, Any] = {"signals": 0, "server": None, "workdir": None}
+    state: dict[str, Any] = {"signals": 0, "server": None, "workdir": None, "ready": False}
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         state["signals"] += 1
@@ -86,6 +86,8 @@ def serve(directory: Path, host: str, http_port: int, grpc_port: int, metrics_po
             # The main loop drains: HTTP calls do not belong in a signal handler.
             click.echo(f"{signal.Signals(signum).name}: finishing requests in flight (up to {exit_timeout_s} s); "
                        "send it again to stop at once", err=True)
+            if server is not None and not state["ready"]:
+                server.signal(signal.SIGTERM)  # still loading: nothing is in flight, stop now
             return
         if server is not None:
             server.kill(wait=False)
@@ -127,6 +129,7 @@ def serve(directory: Path, host: str, http_port: int, grpc_port: int, metrics_po
                 if state["signals"]:  # stopped while starting: what was asked for
                     sys.exit(0)
                 raise
+            state["ready"] = True
             names = ", ".join(repo.models.values())
             click.echo(f"ready: {names}\n  http     {server.http_url}\n  grpc     {server.grpc_url}\n"
                        f"  metrics  {server.metrics_url}", nl=True)

@@ -12,7 +12,8 @@ clipexport.json beside it:
 
 the same names and tensors as the ensembles of `clipexport triton`, so one client serves both.
 Each request of the batch Triton forms is decoded and checked on its own; a bad one gets an error
-that names the problem, and the good ones still run together as one batch of the runtime.
+that names the problem (status 400, INVALID_ARG), and the good ones still run together as one
+batch of the runtime.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ def _pb_utils() -> Any:
     import triton_python_backend_utils
 
     return triton_python_backend_utils
+
+
+def _error(pb: Any, message: str, code: str) -> Any:
+    """A TritonError with a status code: INVALID_ARG (HTTP 400) for a bad request, INTERNAL (500)."""
+    codes = getattr(pb, "TritonError", None)
+    value = getattr(codes, code, None)
+    return pb.TritonError(message) if value is None else pb.TritonError(message, value)
 
 
 class RequestError(Exception):
@@ -70,12 +78,14 @@ class TritonPythonModel:
                 errors.append(str(exc))
         good = [i for i, p in enumerate(prepared) if p is not None]
         embeddings: dict[int, np.ndarray] = {}
+        tower_failed: set[int] = set()
         if good:
             try:
                 rows = self._encode(np.concatenate([prepared[i] for i in good]))
             except ClipExportError as exc:
                 for i in good:
                     errors[i] = f"the {self.tower} tower failed on this batch: {exc}"
+                tower_failed.update(good)
             else:
                 start = 0
                 for i in good:
@@ -87,7 +97,8 @@ class TritonPythonModel:
             if i in embeddings:
                 responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(OUTPUT, embeddings[i])]))
             else:
-                responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(errors[i] or "failed")))
+                code = "INTERNAL" if i in tower_failed else "INVALID_ARG"
+                responses.append(pb.InferenceResponse(output_tensors=[], error=_error(pb, errors[i] or "failed", code)))
         return responses
 
     def finalize(self) -> None:
