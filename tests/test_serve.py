@@ -64,6 +64,11 @@ def test_serve_embeddings_match_runtime_over_http_and_grpc(served: Served, rt: R
         assert float(np.abs(got - expected_images).max()) < 1e-5
         got = infer(url, "clip_text", "text", [t.encode("utf-8") for t in TEXTS])
         assert float(np.abs(got - expected_texts).max()) < 1e-5
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{served.ports.metrics}/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    assert 'nv_inference_request_success{model="clip_image",version="1"}' in metrics
 
 
 def _concurrently(url: str, model: str, name: str, values: list[list[bytes]]) -> list[object]:
