@@ -111,3 +111,19 @@ def test_cli_encoder_python(vit_artifact: Path, tmp_path: Path) -> None:
     assert "clip_text: clip_text_tokenize -> clip_text_encoder (python)" in result.output
     assert (tmp_path / "repo" / "clip_text_encoder" / "1" / "model.py").read_bytes() == (
         Path(__file__).resolve().parents[1] / "clipexport" / "triton" / "python_encoder.py").read_bytes()
+
+
+def test_stub_numpy_must_be_1x(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bundled stub misreads numpy 2 arrays: a numpy 2 directory for it is refused, a 1.x one used."""
+    from clipexport.triton.server import STUB_PATH_ENV, stub_path_first
+
+    for version in ("2.4.6", "1.26.4"):
+        site = tmp_path / version
+        (site / "numpy").mkdir(parents=True)
+        (site / "numpy" / "__init__.py").write_text("")
+        (site / f"numpy-{version}.dist-info").mkdir()
+    monkeypatch.setenv(STUB_PATH_ENV, str(tmp_path / "2.4.6"))
+    with pytest.raises(UsageError, match=r"needs numpy<2, and it would get numpy 2\.4\.6"):
+        stub_path_first()
+    monkeypatch.setenv(STUB_PATH_ENV, str(tmp_path / "1.26.4"))
+    assert stub_path_first() == [str(tmp_path / "1.26.4")]

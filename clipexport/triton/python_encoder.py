@@ -66,7 +66,11 @@ class TritonPythonModel:
         responses = []
         for outputs, error in zip(results, errors):
             if error is not None or outputs is None:
-                responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(error or "no output")))
+                # INVALID_ARG: HTTP 400, the request's fault (older stubs lack the codes: plain 500)
+                code = getattr(getattr(pb, "TritonError", None), "INVALID_ARG", None)
+                message = error or "no output"
+                err = pb.TritonError(message) if code is None else pb.TritonError(message, code)
+                responses.append(pb.InferenceResponse(output_tensors=[], error=err))
             else:
                 responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(n, a) for n, a in outputs.items()]))
         return responses
