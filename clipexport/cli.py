@@ -12,6 +12,7 @@ import click
 
 from clipexport.distributed.command import embed_dataset_command
 from clipexport.errors import ClipExportError
+from clipexport.serve.command import serve as serve_command
 from clipexport.triton.command import triton as triton_command
 
 PRECISION_NAMES = ["fp32", "fp16", "bf16", "int8", "fp8"]
@@ -387,6 +388,7 @@ def embed(directory: Path, images: tuple[Path, ...], texts: tuple[str, ...], tex
 # Commands that live with their subsystem (their heavy imports stay inside the commands).
 cli.add_command(embed_dataset_command)
 cli.add_command(triton_command)
+cli.add_command(serve_command)
 
 
 def main() -> None:

@@ -22,3 +22,15 @@ def twin(tmp_path_factory: pytest.TempPathFactory):
         return write_twin(recipe, tmp_path_factory.mktemp(f"twin-{recipe}"))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def vit_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny-twin ViT artifact (image and text, fp32 ONNX) shared by the serving tests."""
+    pytest.importorskip("torch")
+    pytest.importorskip("open_clip")
+    from clipexport.build import BuildOptions, build
+
+    model = write_twin("vit", tmp_path_factory.mktemp("twin-serving"))
+    out = tmp_path_factory.mktemp("artifact-serving") / "vit"
+    return build(BuildOptions(model=model, pretrained="none", towers=["image", "text"], out=out)).out_dir

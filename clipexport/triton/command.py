@@ -13,6 +13,7 @@ EPILOG = """\b
 Writes, per tower (image, text), three models into REPO:
   clip_image_preprocess  Python backend: image file bytes -> pixels (clipexport's preprocessing)
   clip_image_encoder     the tower: ONNX Runtime, or the artifact's TensorRT plan
+                         (--encoder python: ONNX Runtime inside Triton's Python backend)
   clip_image             ensemble of both: "image" TYPE_STRING [1] -> "embedding" FP32 [D]
   (text: clip_text_tokenize, clip_text_encoder, clip_text with input "text")
 Embeddings are not normalized. Triton's Python needs `pip install 'clipexport[runtime]'`.
@@ -21,6 +22,7 @@ Embeddings are not normalized. Triton's Python needs `pip install 'clipexport[ru
 Examples:
   clipexport triton engines/ViT-B-32-none-fp32 --out triton-repo
   clipexport triton engines/ViT-B-32-none-fp32 --out triton-repo --kind cpu --instances 2 --force
+  clipexport triton engines/ViT-B-32-none-fp32 --out triton-repo --encoder python --kind cpu
 """
 
 
@@ -39,9 +41,12 @@ Examples:
 @click.option("--max-queue-delay", "max_queue_delay_us", type=click.IntRange(min=0), default=100, show_default=True,
               metavar="US", help="Dynamic batcher: microseconds a request may wait for a fuller batch.")
 @click.option("--prefix", default="clip", show_default=True, help="Model names: PREFIX_image, PREFIX_text_encoder...")
+@click.option("--encoder", type=click.Choice(["native", "python"]), default="native", show_default=True,
+              help="native: Triton's onnxruntime/tensorrt backend runs each tower; python: ONNX Runtime inside "
+                   "Triton's Python backend (servers without the onnxruntime backend, e.g. nvidia-pytriton's).")
 @click.option("--force", is_flag=True, help="Replace REPO if it exists (only after the new one is complete).")
 def triton(directory: Path, out: Path, towers: str | None, backend: str, instances: int, kind: str,
-           max_queue_delay_us: int, prefix: str, force: bool) -> None:
+           max_queue_delay_us: int, prefix: str, encoder: str, force: bool) -> None:
     """Write a Triton Inference Server model repository for the artifact in DIRECTORY.
 
     The artifact's files are checked against manifest.json first; the repository is
@@ -54,7 +59,7 @@ def triton(directory: Path, out: Path, towers: str | None, backend: str, instanc
             out=out,
             towers=tuple(t.strip() for t in towers.split(",") if t.strip()) if towers is not None else None,
             backend=backend, instances=instances, kind=kind, max_queue_delay_us=max_queue_delay_us,
-            prefix=prefix, force=force,
+            prefix=prefix, force=force, encoder=encoder,
         ))
     except ClipExportError as exc:
         click.echo(f"error: {exc}", err=True)

@@ -47,11 +47,17 @@ from clipexport.triton.config import (
 
 TOWERS = ("image", "text")
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
+#: What runs a tower: Triton's own backend for the platform (onnxruntime / tensorrt), or ONNX
+#: Runtime inside the Python backend (python_encoder.py), for servers that lack the former.
+ENCODERS = ("native", "python")
+#: TowerModels.platform of an --encoder python tower.
+PLATFORM_PYTHON = "python"
 #: The ensemble's tensors: what a client sends and gets back.
 RAW_INPUTS = {"image": "image", "text": "text"}
 EMBEDDING = "embedding"
 VERSION = "1"
 PYTHON_MODEL_FILE = Path(__file__).with_name("python_model.py")
+PYTHON_ENCODER_FILE = Path(__file__).with_name("python_encoder.py")
 PYTHON_CONFIG_FILE = "clipexport.json"
 _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 
@@ -68,6 +74,7 @@ class TritonOptions:
     max_queue_delay_us: int = 100
     prefix: str = "clip"
     force: bool = False
+    encoder: str = "native"  # "python": ONNX Runtime inside Triton's Python backend (ENCODERS)
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,10 @@ def write_repository(directory: Path, options: TritonOptions) -> RepositoryResul
     out = Path(options.out)
     if options.backend not in BACKENDS:
         raise UsageError(f"--backend {options.backend!r}: expected one of {', '.join(BACKENDS)}")
+    if options.encoder not in ENCODERS:
+        raise UsageError(f"--encoder {options.encoder!r}: expected one of {', '.join(ENCODERS)}")
+    if options.encoder == "python" and options.backend == "tensorrt":
+        raise UsageError("--encoder python runs the ONNX graph with ONNX Runtime: use --backend onnxruntime or auto")
     if not _PREFIX.match(options.prefix):
         raise UsageError(f"--prefix {options.prefix!r}: use letters, digits, '_', '.', '-' (Triton model names)")
     instances = Instances(options.instances, options.kind)
@@ -197,7 +208,7 @@ def _plan_tower(directory: Path, manifest: Mapping[str, Any], tower: str, option
     listed = set(manifest["files"])
 
     engine = info.get("engine") or None
-    use_plan = _use_plan(tower, engine, options)
+    use_plan = _use_plan(tower, engine, options) and options.encoder != "python"
     header = [f"written by clipexport {__version__} `clipexport triton` from {directory}",
               f"model {manifest['model']}, precision {manifest['precision']}, {tower} tower"]
     notes: list[str] = []
@@ -222,6 +233,8 @@ def _plan_tower(directory: Path, manifest: Mapping[str, Any], tower: str, option
         if PurePosixPath(model_file).parent != PurePosixPath("."):
             # External weights are found by a path relative to the .onnx file; keep them side by side.
             raise ArtifactError(f"manifest {where}.onnx {model_file!r}: expected a file at the artifact's top level")
+    if options.encoder == "python":
+        platform = PLATFORM_PYTHON
     for name in [model_file, *extra]:
         if name not in listed:
             raise ArtifactError(f"manifest {where}: {name} is not in the manifest's files (no sha256 to check)")
@@ -313,7 +326,11 @@ def _write_tower(directory: Path, root: Path, plan: _TowerPlan, batching: Batchi
     shutil.copyfile(directory / plan.model_file, version_dir / target)
     for name in plan.extra_files:
         shutil.copyfile(directory / name, version_dir / name)
-    config = tower_config(models.encoder, models.platform, models.inputs, models.outputs, batching, instances)
+    if models.platform == PLATFORM_PYTHON:
+        _write_python_encoder(version_dir, models)
+        config = python_config(models.encoder, models.inputs, models.outputs, batching, instances)
+    else:
+        config = tower_config(models.encoder, models.platform, models.inputs, models.outputs, batching, instances)
     _write_text(root / models.encoder / "config.pbtxt", to_pbtxt(config, header))
     if models.preprocess is None or models.ensemble is None:
         return
@@ -342,9 +359,18 @@ def _write_tower(directory: Path, root: Path, plan: _TowerPlan, batching: Batchi
     _write_text(root / models.ensemble / "config.pbtxt", to_pbtxt(config, plan.header))
 
 
+def _write_python_encoder(version_dir: Path, models: TowerModels) -> None:
+    """model.py (python_encoder.py) and its settings, beside the model.onnx already copied there."""
+    shutil.copyfile(PYTHON_ENCODER_FILE, version_dir / "model.py")
+    graph_input = models.inputs[0]
+    cfg = {"clipexport_version": __version__, "tower": models.tower, "input": graph_input.name,
+           "dtype": graph_input.dtype, "dims": list(graph_input.dims), "outputs": [o.name for o in models.outputs]}
+    _write_text(version_dir / PYTHON_CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
+
+
 def _write_text(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-__all__ = ["BACKENDS", "EMBEDDING", "RAW_INPUTS", "RepositoryResult", "TowerModels", "TritonOptions",
+__all__ = ["BACKENDS", "EMBEDDING", "ENCODERS", "PLATFORM_PYTHON", "RAW_INPUTS", "RepositoryResult", "TowerModels", "TritonOptions",
            "write_repository"]
