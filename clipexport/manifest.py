@@ -179,6 +179,25 @@ class EngineEntry:
         return cls(confined_name(_get(data, "file", str, where), f"{where}.file"), _get(data, "key", dict, where))
 
 
+def _check_tensorrt(data: Any, where: str) -> None:
+    """The TensorRT-compatibility verdict (clipexport.trt.compat) is displayed: check what is shown."""
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise _fail(where, f"is {_short(data)}, expected an object")
+    for key in ("min_release", "min_release_with_plugin", "polygraphy"):
+        _get(data, key, str, where, optional=True)
+    for i, blocker in enumerate(_get(data, "blockers", list, where, optional=True) or []):
+        at = f"{where}.blockers[{i}]"
+        if not isinstance(blocker, dict):
+            raise _fail(at, f"is {_short(blocker)}, expected an object")
+        _get(blocker, "op", str, at)
+        _get(blocker, "count", int, at)
+        _get(blocker, "parses_from", str, at, optional=True)
+        if "parses_from" not in blocker:
+            raise _fail(f"{at}.parses_from", "is missing")
+
+
 @dataclass(frozen=True)
 class TowerEntry:
     name: str
@@ -214,6 +233,7 @@ class TowerEntry:
                     tuple(TensorInfo.from_json(v, f"{where}.outputs") for v in outputs),
                     parity, sequence, EngineEntry.from_json(data.get("engine"), f"{where}.engine"), data)
         entry._check_shapes()
+        _check_tensorrt(data.get("tensorrt"), f"{where}.tensorrt")
         return entry
 
     def _check_shapes(self) -> None:

@@ -118,6 +118,8 @@ MALFORMED: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "shape holds null": (lambda m: m["towers"]["image"]["inputs"][0].__setitem__("shape", [None, 3]),
                          "expected positive sizes"),
     "logit scale text": (lambda m: m.__setitem__("logit_scale", "big"), "logit_scale is str"),
+    "tensorrt blockers": (lambda m: m["towers"]["text"].__setitem__("tensorrt", {"blockers": [{"op": "X"}]}),
+                          "blockers[0].count is missing"),
 }
 
 

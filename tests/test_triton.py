@@ -532,6 +532,25 @@ def test_cli(artifact: Path, tmp_path: Path) -> None:
 
 # -- the dims gate: what preprocess and the tokenizer make must be what the graph takes ---------
 
+@pytest.fixture
+def dims_check_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These cases edit the manifest's shapes without a graph to match: the graph check (which
+    refuses any such manifest first) is switched off so the dims check beneath it is what runs."""
+    from clipexport.triton import repository
+
+    monkeypatch.setattr(repository, "check_graphs", lambda directory, manifest: None)
+
+
+def test_the_graph_check_refuses_an_edited_shape_first(artifact: Path, tmp_path: Path) -> None:
+    def edit(manifest: dict[str, Any]) -> None:
+        manifest["towers"]["image"]["inputs"][0]["shape"] = ["batch", 3, 32, 48]
+
+    with pytest.raises(ArtifactError, match="not this tower's graph"):
+        write_repository(_copy(artifact, tmp_path, edit), TritonOptions(out=tmp_path / "repo"))
+    assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.usefixtures("dims_check_only")
 def test_non_square_image_size_keeps_height_then_width(artifact: Path, tmp_path: Path) -> None:
     """Every twin is square; a (3, W, H) transposition only shows with a non-square size."""
     def edit(manifest: dict[str, Any]) -> None:
@@ -546,6 +565,7 @@ def test_non_square_image_size_keeps_height_then_width(artifact: Path, tmp_path:
     assert settings["preprocess"]["size"] == [32, 48]
 
 
+@pytest.mark.usefixtures("dims_check_only")
 @pytest.mark.parametrize(("size", "shape", "message"), [
     ([48, 32], ["batch", 3, 32, 48], r"the graph takes \[3, 32, 48\] but preprocess gives \[3, 48, 32\]"),
     (32, ["batch", 3, 48, 48], r"the graph takes \[3, 48, 48\] but preprocess gives \[3, 32, 32\]"),
@@ -562,6 +582,7 @@ def test_manifest_whose_image_graph_disagrees_with_preprocess_writes_nothing(art
     assert not (tmp_path / "repo").exists()
 
 
+@pytest.mark.usefixtures("dims_check_only")
 def test_manifest_whose_text_graph_disagrees_with_the_context_length_writes_nothing(artifact: Path,
                                                                                     tmp_path: Path) -> None:
     def edit(manifest: dict[str, Any]) -> None:
