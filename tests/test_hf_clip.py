@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 
@@ -82,6 +83,29 @@ def test_from_save_pretrained_weights_matches_transformers(tmp_path):
 
     checked = verify_artifact(out)
     assert set(checked["parity"]) == {"image", "text"}
+
+
+def test_int8_projections_all_become_integer_kernels_on_onnxruntime(tmp_path):
+    """The reason int8 pays: after ONNX Runtime's graph optimization every quantized MatMul is an
+    integer kernel (MatMulIntegerToFloat). transformers' separate q/k/v projections share one
+    activation, a pattern ORT's QDQ fusion leaves as float MatMuls that dequantize their int8
+    weights on every run; merge_projections makes them one MatMul."""
+    model = write_tiny_hf_clip(tmp_path / "cfg")
+    result = build(BuildOptions(model=model, pretrained="none", precision="int8", out=tmp_path / "art"))
+    for name in ("image", "text"):
+        record = {r["name"]: r for r in result.manifest["towers"][name]["passes"]}["merge_projections"]
+        assert record["status"] == "applied" and "2 groups" in record["detail"]  # one q/k/v group per block
+        quantized = result.manifest["towers"][name]["quantization"]["quantized_ops"]["MatMul"]
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{name}-ort.onnx")
+        ort.InferenceSession(str(tmp_path / "art" / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(str(tmp_path / f"{name}-ort.onnx")).graph
+        ops = collections.Counter(n.op_type for n in optimized.node)
+        assert ops["MatMulIntegerToFloat"] == quantized == 2 * 4  # q/k/v merged, out, fc1, fc2 per block
+        producers = {o: n.op_type for n in optimized.node for o in n.output}
+        float_matmuls_on_dq = [n.name for n in optimized.node if n.op_type == "MatMul"
+                               and any(producers.get(i) == "DequantizeLinear" for i in n.input)]
+        assert float_matmuls_on_dq == []
 
 
 def clipexport_hf_model(name):

@@ -56,7 +56,8 @@ def _export(ref, family: str, tower: str, fuse: bool) -> tuple[torch.nn.Module, 
 
 
 def test_pipeline_order_is_the_designed_one():
-    assert [p.name for p in PIPELINE] == ["simplify", "fuse_attention", "trim_text", "precision", "quantize"]
+    assert [p.name for p in PIPELINE] == ["simplify", "fuse_attention", "trim_text", "merge_projections", "precision",
+                                         "quantize"]
 
 
 @pytest.mark.parametrize("tower", ["image", "text"])
