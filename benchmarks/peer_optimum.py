@@ -132,9 +132,20 @@ def extract(joint: Path, tower: str, out: Path) -> Path:
 
     target = out / f"{joint.stem}-{tower}.onnx"
     if not target.is_file():
-        names = (["pixel_values"], ["image_embeds"]) if tower == "image" else (["input_ids"], ["text_embeds"])
+        graph_inputs = {i.name for i in onnx.load(str(joint), load_external_data=False).graph.input}
+        text_inputs = [n for n in ("input_ids", "attention_mask") if n in graph_inputs]  # optimum's has a mask
+        names = (["pixel_values"], ["image_embeds"]) if tower == "image" else (text_inputs, ["text_embeds"])
         onnx.utils.extract_model(str(joint), str(target), *names)
     return target
+
+
+def text_feed(sess: Any, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """ids, and for a graph that takes one the tokenizer's attention mask (1 up to EOT, 0 on padding)."""
+    names = {i.name for i in sess.get_inputs()}
+    feed = {"input_ids": ids}
+    if "attention_mask" in names:
+        feed["attention_mask"] = (ids != 0).astype(np.int64)
+    return feed
 
 
 def session(path: Path, threads: int) -> Any:
@@ -259,7 +270,8 @@ def main() -> None:
             want_text = hf.get_text_features(input_ids=torch.from_numpy(ids)).pooler_output.numpy()
         for precision in ("fp32", "int8"):
             for tool in ("clipexport", "optimum"):
-                got = sessions[(tool, precision, "text")].run(None, {"input_ids": trimmed})[0]
+                s = sessions[(tool, precision, "text")]
+                got = s.run(None, text_feed(s, trimmed))[0]
                 cos, err = cosine_and_max(got, want_text)
                 parity.append({"size": size, "tower": "text", "tool": tool, "precision": precision,
                                "cosine_min": cos, "max_abs_normalized": err, "tokens": trimmed.shape[1]})
@@ -272,7 +284,7 @@ def main() -> None:
             sessions[("clipexport base", "fp32", "text")] = session(baseline / "text.onnx", args.threads)
         for case, feed in cases:
             cells = [Cell(f"{tool} {precision}", lambda s=sessions[(tool, precision, "text")], feed=feed:
-                          s.run(None, {"input_ids": feed})[0]) for tool, precision in graphs_text]
+                          s.run(None, text_feed(s, feed))[0]) for tool, precision in graphs_text]
             if baseline is not None and case.startswith("32 prompts"):
                 base = sessions[("clipexport base", "fp32", "text")]
                 cells.append(Cell("clipexport base fp32", lambda s=base: s.run(None, {"input_ids": ids})[0]))
