@@ -25,7 +25,7 @@ from clipexport.artifacts import (
 from clipexport.manifest import MIN_SEQUENCE, check_files, check_graphs, read_manifest
 from clipexport.errors import ClipExportError, ParityError, UnsupportedModelError, UsageError, WeightsError
 from clipexport.hashing import file_sha256
-from clipexport.models.architecture import HF_TEXT, families_of
+from clipexport.models.architecture import HF_CLIP_TEXT, HF_TEXT, families_of
 from clipexport.models.hf_text import missing_config_reason
 from clipexport.models.open_clip_source import (
     ReferenceModel,
@@ -221,8 +221,22 @@ def _trimmable(ref: ReferenceModel, tower: str, spec: TowerSpec) -> tuple[bool, 
         return False, "the recipe exports a fixed context length"
     if ref.families.text == HF_TEXT:
         return True, ""
+    if ref.families.text == HF_CLIP_TEXT:
+        from clipexport.models import hf_clip
+
+        reason = hf_clip.untrimmable_reason(ref.model)
+        return not reason, reason
     reason = untrimmable_reason(ref.model)
     return not reason, reason
+
+
+def _export_module(ref: ReferenceModel, module: Any, trim: bool) -> Any:
+    """The module to export: the trimmable variant of open_clip's built-in text tower, else the
+    tower itself (a transformers CLIP text model already takes any length up to its context:
+    it slices its position ids and builds its causal mask from the input's shape)."""
+    from clipexport.models.towers import text_tower
+
+    return text_tower(ref.model, trimmable=True) if trim and ref.families.text != HF_CLIP_TEXT else module
 
 
 def _pad_id(ref: ReferenceModel) -> int:
@@ -404,7 +418,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     import onnx
 
     from clipexport.export import export_tower, export_tower_to_file, external_files, optimize_external
-    from clipexport.models.towers import attention_blocks, text_tower
+    from clipexport.models.towers import attention_blocks
     from clipexport.passes import PassConfig, PassRecord, run_passes
     from clipexport.passes.external_precision import EXTERNAL_PRECISIONS, lower_external_precision
     from clipexport.passes.fuse_attention import check_unfused
@@ -437,7 +451,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
             parameters = sum(p.numel() for p in module.parameters())
             large = 4 * parameters > options.large_tower_bytes
             trim, trim_reason = _trimmable(ref, tower, spec)
-            exported = text_tower(ref.model, trimmable=True) if trim else module
+            exported = _export_module(ref, module, trim)
             fuse = plan.recipe.attention == "onnx" and "fuse_attention" not in options.disabled_passes
             disabled = list(options.disabled_passes) + ([] if fuse else ["fuse_attention"])
             calibration = _calibration(ref, tower, options, plan.recipe) if options.precision in CALIBRATED else None

@@ -13,7 +13,7 @@ from twins import TINY_XLMR, TWINS, write_twin
 from clipexport.errors import PassError
 from clipexport.export import export_tower
 from clipexport.models import load_reference
-from clipexport.models.towers import attention_blocks, image_tower, text_tower
+from clipexport.models.towers import attention_blocks
 from clipexport.passes import PIPELINE, PassConfig, run_passes
 from clipexport.passes.fuse_attention import attention_nodes, check_unfused, fuse_attention
 from clipexport.recipes import BatchRange, load_recipes
@@ -31,10 +31,13 @@ EXPECTED = {
     # CoCa: ViT blocks plus the attentional pooler (one cross-attention), and the text blocks
     ("coca", "image"): TWINS["coca"]["vision_cfg"]["layers"] + 1,
     ("coca", "text"): TWINS["coca"]["text_cfg"]["layers"],
+    # transformers' CLIPModel twin (twins.write_tiny_hf_clip): 2 vision and 2 text layers, SDPA attention
+    ("hf_clip", "image"): 2,
+    ("hf_clip", "text"): 2,
 }
 
 
-# Recipes that lower attention to ONNX Attention (the timm and hf_clip recipes export it unfused).
+# Recipes that lower attention to ONNX Attention (the timm recipe exports it unfused).
 FUSED = sorted(f for f in TWINS if load_recipes()[f].attention == "onnx")
 
 
@@ -49,14 +52,15 @@ def reference(request, tmp_path_factory):
 
 def _export(ref, family: str, tower: str, fuse: bool) -> tuple[torch.nn.Module, onnx.ModelProto]:
     recipe = load_recipes()[family]
-    module = image_tower(ref.model) if tower == "image" else text_tower(ref.model)
+    module = ref.tower(tower)  # open_clip's image_tower/text_tower, or a transformers CLIPModel's
     example = torch.randn(2, 3, ref.image_size, ref.image_size) if tower == "image" else ref.tokenizer()(["a", "b"])
     return module, export_tower(module, example, recipe.towers[tower], BatchRange(1, 4, 16), recipe.opset,
                                 fuse_attention=fuse)
 
 
 def test_pipeline_order_is_the_designed_one():
-    assert [p.name for p in PIPELINE] == ["simplify", "fuse_attention", "trim_text", "precision", "quantize"]
+    assert [p.name for p in PIPELINE] == ["simplify", "fuse_attention", "trim_text", "merge_projections", "precision",
+                                         "quantize"]
 
 
 @pytest.mark.parametrize("tower", ["image", "text"])

@@ -12,6 +12,7 @@ import pytest
 import torch
 from twins import TWINS, write_twin
 
+from clipexport.build import _export_module
 from clipexport.errors import UnsupportedModelError
 from clipexport.export import export_tower
 from clipexport.models import load_reference
@@ -32,14 +33,15 @@ def exported(request, tmp_path_factory):
     family = request.param
     ref = load_reference(write_twin(family, tmp_path_factory.mktemp(family)), "none", seed=2)
     spec = load_recipes()[family].towers["text"]
-    trimmable = text_tower(ref.model, trimmable=True)
+    # as the build decides: open_clip's TrimmableTextTower, or transformers' CLIP text tower itself
+    trimmable = _export_module(ref, ref.tower("text"), trim=True)
     graph = export_tower(trimmable, ref.tokenizer()(["a", "b"]), spec, BatchRange(1, 8, 64), 23,
                          max_sequence=ref.context_length)
     graph, records = run_passes(graph, PassConfig(tower="text", precision="fp32", trim_text=True,
                                                   attention_blocks=attention_blocks(trimmable)))
     assert {r.name: r.status for r in records}["trim_text"] == "applied"
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
-    return ref, text_tower(ref.model), graph, session
+    return ref, ref.tower("text"), graph, session
 
 
 def _run(session: ort.InferenceSession, ids: np.ndarray) -> np.ndarray:
@@ -61,8 +63,11 @@ def test_trimmable_tower_is_the_builtin_tower_at_full_length(exported):
     ref, full, _, _ = exported
     ids = ref.tokenizer()(list(PARITY_PROMPTS))
     with torch.no_grad():
-        assert torch.equal(TrimmableTextTower(ref.model)(ids), full(ids))
-        assert torch.equal(full(ids), ref.model.encode_text(ids))
+        if hasattr(ref.model, "encode_text"):  # open_clip
+            assert torch.equal(TrimmableTextTower(ref.model)(ids), full(ids))
+            assert torch.equal(full(ids), ref.model.encode_text(ids))
+        else:  # transformers' CLIPModel: the tower is its own get_text_features
+            assert torch.equal(full(ids), ref.model.get_text_features(input_ids=ids).pooler_output)
 
 
 @pytest.mark.parametrize("prompt_index", range(len(PARITY_PROMPTS)))

@@ -124,10 +124,10 @@ def fp32_twin_graphs(family: str, directory: Path, seed: int = 1) -> tuple[Any, 
     passes, trimmable?): exported the way the build does, for tests of later passes."""
     import torch
 
-    from clipexport.build import _trimmable
+    from clipexport.build import _export_module, _trimmable
     from clipexport.export import export_tower
     from clipexport.models import load_reference
-    from clipexport.models.towers import attention_blocks, text_tower
+    from clipexport.models.towers import attention_blocks
     from clipexport.passes import PassConfig, run_passes
     from clipexport.recipes import BatchRange, load_recipes
 
@@ -136,7 +136,7 @@ def fp32_twin_graphs(family: str, directory: Path, seed: int = 1) -> tuple[Any, 
     out = {}
     for tower in ("image", "text"):
         trim = _trimmable(ref, tower, recipe.towers[tower])[0]  # as the build decides
-        exported = text_tower(ref.model, trimmable=True) if trim else ref.tower(tower)
+        exported = _export_module(ref, ref.tower(tower), trim)
         module = ref.tower(tower)  # the reference the build compares against
         example = torch.randn(2, 3, ref.image_size, ref.image_size) if tower == "image" else ref.tokenizer()(["a", "b"])
         fuse = recipe.attention == "onnx"

@@ -84,18 +84,21 @@ def weights_file(name: str) -> Path | None:
 
 
 def create(name: str, load_weights: bool) -> Any:
-    """CLIPModel from the directory's weights, or randomly initialized from its config (caller seeds)."""
+    """CLIPModel from the directory's weights, or randomly initialized from its config (caller seeds).
+
+    Attention goes through SDPA whatever the config saved: the exporter lowers each such call to
+    one ONNX Attention node (the build counts them against the CLIPAttention modules)."""
     from transformers import CLIPConfig, CLIPModel
 
     directory = directory_of(name)
     if load_weights:
         try:
-            model = CLIPModel.from_pretrained(str(directory), use_safetensors=None)
+            model = CLIPModel.from_pretrained(str(directory), use_safetensors=None, attn_implementation="sdpa")
         except Exception as exc:  # noqa: BLE001 - a corrupt or mismatched weight file
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise WeightsError(f"cannot load CLIPModel weights from {directory}: {first}") from None
     else:
-        model = CLIPModel(CLIPConfig.from_pretrained(str(directory)))
+        model = CLIPModel._from_config(CLIPConfig.from_pretrained(str(directory)), attn_implementation="sdpa")
     return model.float().eval().requires_grad_(False)
 
 
@@ -111,6 +114,29 @@ def preprocess_config(name: str, image_size: int) -> dict[str, Any]:
         cfg["std"] = list(data.get("image_std", cfg["std"]))
         cfg["interpolation"] = _RESAMPLE.get(int(data.get("resample", 3)), "bicubic")
     return cfg
+
+
+# transformers' CLIPTextTransformer pools by argmax of the ids when eos_token_id is the legacy 2,
+# else at the first position holding eos_token_id.
+_LEGACY_EOS_ID = 2
+CLIP_BPE_EOT_ID = 49407
+
+
+def untrimmable_reason(model: Any) -> str:
+    """Why cutting CLIP BPE ids after the batch's last EOT would change this CLIPModel's text
+    embeddings; "" when it would not.
+
+    The text model is causal (every layer gets transformers' causal mask) and slices its position
+    ids to the input length, so a row's EOT never sees a later column; it pools at EOT when the
+    ids are CLIP BPE (EOT 49407 is the largest id: the legacy argmax finds it) or when
+    eos_token_id is 49407 (the first EOT)."""
+    text = model.config.text_config
+    if text.vocab_size != CLIP_BPE_VOCAB_SIZE:
+        return f"text vocabulary of {text.vocab_size}, not CLIP BPE's {CLIP_BPE_VOCAB_SIZE}: the EOT id is unknown"
+    eos = model.text_model.eos_token_id
+    if eos not in (_LEGACY_EOS_ID, CLIP_BPE_EOT_ID):
+        return f"eos_token_id {eos}: the text model pools at that id, not at CLIP BPE's EOT"
+    return ""
 
 
 def tower(model: Any, name: str) -> Any:

@@ -16,6 +16,7 @@ import onnx
 
 from clipexport.errors import ClipExportError, PassError, UsageError
 from clipexport.passes.fuse_attention import fuse_attention
+from clipexport.passes.merge_projections import merge_projections
 from clipexport.passes.precision import PrecisionPolicy, apply_precision
 from clipexport.passes.quantize import QuantPolicy, quantize
 from clipexport.passes.simplify import simplify
@@ -72,6 +73,8 @@ PIPELINE: tuple[GraphPass, ...] = (
               summary="one ONNX Attention node per attention block, counted against the model"),
     GraphPass("trim_text", trim_text, required=True,
               summary="text token ids with a dynamic 'sequence' axis (exact EOT trimming)"),
+    GraphPass("merge_projections", merge_projections, required=False,
+              summary="sibling projections of one activation (q/k/v) as one MatMul + Split"),
     GraphPass("precision", apply_precision, required=True,
               summary="fp16/bf16 written into the graph, safe ops and overflow-prone nodes kept fp32"),
     GraphPass("quantize", quantize, required=True,
@@ -80,8 +83,10 @@ PIPELINE: tuple[GraphPass, ...] = (
 # Passes that rewrite weights: they need every tensor in memory, so a graph whose weights stay
 # in external data skips them here, and the build runs its own external-data version of those
 # it has (simplify with onnxscript's optimizer, precision weight by weight); quantize has none.
-WEIGHT_PASSES = ("simplify", "precision", "quantize")
+WEIGHT_PASSES = ("simplify", "merge_projections", "precision", "quantize")
 EXTERNAL_SKIP = {
+    "merge_projections": "weights in external data (a tower over protobuf's 2 GB): concatenating them needs "
+                         "them in memory",
     "simplify": "weights in external data (a tower over protobuf's 2 GB): onnxslim needs the whole graph "
                 "in memory; the build simplifies with onnxscript over the memory-mapped data instead",
     "precision": "weights in external data (a tower over protobuf's 2 GB): the build converts them weight "
