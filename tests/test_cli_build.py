@@ -181,7 +181,69 @@ def test_checkpoint_with_pickled_code_is_refused(twin, tmp_path):
 
     path = tmp_path / "pickled.pt"
     torch.save({"state_dict": load_reference(twin("vit"), "none").model.state_dict(), "x": _Payload()}, path)
-    assert "pickled objects" in _bad(tmp_path, twin("vit"), "--pretrained", str(path))
+    out = _bad(tmp_path, twin("vit"), "--pretrained", str(path))
+    assert "pickled objects" in out and "weights_only" not in out and "add_safe_globals" not in out
+
+
+class _Exploit:
+    """Unpickling this runs a shell command (the classic malicious checkpoint)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _EvalCall:
+    """Unpickling this calls builtins.eval."""
+
+    def __reduce__(self):
+        return (eval, ("1 + 1",))
+
+
+def _malicious_checkpoints(tmp_path: Path, state: dict) -> dict[str, Path]:
+    """Checkpoints torch 2.14 refuses with each of its wordings (blocked module, reduce, global)."""
+    files = {}
+    for name, payload in {"blocked-module": _Exploit(tmp_path / "pwned"),
+                          "unknown-global": _Payload(),
+                          "builtin-call": _EvalCall()}.items():
+        files[name] = tmp_path / f"{name}.pt"
+        torch.save({"state_dict": state, "x": payload}, files[name])
+    return files
+
+
+def test_malicious_checkpoint_gets_our_message_not_torchs_advice(twin, tmp_path):
+    from clipexport.models import load_reference
+
+    state = load_reference(twin("vit"), "none").model.state_dict()
+    for name, path in _malicious_checkpoints(tmp_path, state).items():
+        out = _bad(tmp_path, twin("vit"), "--pretrained", str(path))
+        assert "holds pickled objects beyond tensors" in out, (name, out)
+        assert "weights_only" not in out and "arbitrary code" not in out, (name, out)
+    assert not (tmp_path / "pwned").exists(), "the payload ran"
+
+
+def test_malicious_checkpoint_read_tower_by_tower_gets_our_message(twin, tmp_path):
+    """The per-tower reader (large models) words it the same way."""
+    from clipexport.errors import WeightsError
+    from clipexport.models import load_reference
+    from clipexport.models.per_tower import _checkpoint_tensors
+
+    state = load_reference(twin("vit"), "none").model.state_dict()
+    for name, path in _malicious_checkpoints(tmp_path, state).items():
+        with pytest.raises(WeightsError) as err:
+            _checkpoint_tensors(path, lambda key: True)
+        assert "holds pickled objects beyond tensors" in str(err.value), name
+        assert "weights_only" not in str(err.value), name
+    assert not (tmp_path / "pwned").exists(), "the payload ran"
+
+
+def test_corrupt_checkpoint_error_leaves_out_torchs_advice(twin, tmp_path):
+    path = tmp_path / "broken.pt"
+    path.write_bytes(b"\x80\x02not a pickle at all" * 10)
+    out = _bad(tmp_path, twin("vit"), "--pretrained", str(path))
+    assert "cannot read checkpoint" in out and "weights_only" not in out and "pickled objects" not in out
 
 
 def test_unknown_tag_lists_known_tags(tmp_path):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gzip
 import random
+import subprocess
+import sys
+import textwrap
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,7 +16,7 @@ import pytest
 
 from clipexport.errors import ArtifactError, InputError, UnsupportedModelError
 from clipexport.prompts import PARITY_PROMPTS
-from clipexport.runtime.tokenizer import ClipTokenizer, TextTruncatedWarning
+from clipexport.runtime.tokenizer import MAX_TEXT_CHARS, MAX_WORD_BYTES, ClipTokenizer, TextTruncatedWarning
 from clipexport.tokenizer_assets import write_tokenizer_assets
 
 open_clip = pytest.importorskip("open_clip")
@@ -228,3 +231,122 @@ def test_unsupported_settings_and_corrupt_vocab(vocab_dir, tmp_path: Path) -> No
         ClipTokenizer.from_manifest(tmp_path, {**section, "vocab": "tokenizer/broken.gz"})
     with pytest.raises(ArtifactError, match="eot_token_id"):
         ClipTokenizer.from_manifest(directory, {**section, "eot_token_id": 49408})
+
+
+# -- bounded work on untrusted text (issue 15) ---------------------------------------------------
+
+def _adversarial_words(seed: int) -> list[str]:
+    """Words that stress the order of merges: repeats (odd/even runs), repeated pairs, overlaps, unicode."""
+    rng = random.Random(seed)
+    units = ["a", "ab", "aab", "abb", "the", "ing", "e", "ee", "l", "ll", "ss", "thethe", "an", "😀", "é", "哈",
+             "0", "!", "..", "ŋ", "\u0301"]
+    words = [unit * n for n in range(1, 70) for unit in units]
+    alphabets = ["ab", "abc", "aeiou", "thing", "abcdefghijklmnopqrstuvwxyz", "éèa", "😀😃a", "漢字かな", "ssst"]
+    for _ in range(1500):
+        alphabet = rng.choice(alphabets)
+        words.append("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 300))))
+    return words
+
+
+def test_heap_bpe_matches_open_clip_word_for_word(ours: ClipTokenizer) -> None:
+    """encode() without a limit: every id of every word, so any difference in merge order shows."""
+    ref = SimpleTokenizer()
+    words = _adversarial_words(0)
+    mismatched = [w for w in words if ours.encode(w) != ref.encode(w)]
+    assert mismatched == [], f"{len(mismatched)} of {len(words)} words differ, e.g. {mismatched[0][:40]!r}"
+
+
+def test_long_texts_truncate_like_open_clip(ours: ClipTokenizer) -> None:
+    rng = random.Random(3)
+    texts = [" ".join(_random_texts(60, k)) for k in range(20)]
+    texts += ["".join(rng.choice("abcdefghij") for _ in range(3000)), "a" * 5001, "ab" * 2000 + " tail words",
+              "short start " + "x" * 4000, "😀" * 3000, " ".join(_adversarial_words(1)[:400])]
+    assert _compare(ours, open_clip.get_tokenizer("ViT-B-32"), texts) == 0
+
+
+class _CountingTokenizer(ClipTokenizer):
+    """Counts the words that reach BPE (the lru cache calls _merge_word once per distinct word)."""
+
+    merged_words = 0
+
+    def _merge_word(self, word: str) -> tuple[int, ...]:
+        self.merged_words += 1
+        return super()._merge_word(word)
+
+
+def test_only_the_words_that_fit_the_context_are_merged(vocab_dir) -> None:
+    """A 1 MB text of distinct words costs the BPE of the words the context keeps, not 150,000 words."""
+    counting = _CountingTokenizer.from_manifest(*vocab_dir)
+    rng = random.Random(5)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 10)))
+             for _ in range(160_000)]
+    text = " ".join(words)[:1_000_000]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TextTruncatedWarning)
+        got = counting([text])
+    assert counting.merged_words <= counting.context_length
+    # the same ids as open_clip on the part it needs to see (open_clip merges every word of the MB)
+    expected = open_clip.get_tokenizer("ViT-B-32")([" ".join(words[:200])]).numpy()
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_huge_word_and_text_tokenize_with_bounded_work(vocab_dir) -> None:
+    """A 200,000-letter word (open_clip's quadratic loop: minutes) and 1 MB texts, in a child with a
+    generous limit: no timing assertion, the old loop exceeds 60 s by far, the heap takes ~1-2 s."""
+    directory, section = vocab_dir
+    script = textwrap.dedent(f"""
+        import random, warnings
+        from pathlib import Path
+        from clipexport.runtime.tokenizer import ClipTokenizer
+        tok = ClipTokenizer.from_manifest(Path({str(directory)!r}), {section!r})
+        rng = random.Random(0)
+        warnings.simplefilter("ignore")
+        word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(200_000))
+        words = " ".join("".join(rng.choice("abcdefghij") for _ in range(rng.randint(1, 12))) for _ in range(170_000))
+        for text in (word, "a" * 200_000, words[:1_000_000], "photo " + word[:150_000] + " " + words[:800_000]):
+            ids = tok([text])
+            assert ids.shape == (1, 77) and ids[0, -1] == tok.eot_token_id
+        print("ok", len(tok.encode(word)))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("ok ") and int(done.stdout.split()[1]) > 20_000  # the whole word was merged
+
+
+def test_texts_over_the_limits_are_refused_in_one_line(ours: ClipTokenizer) -> None:
+    with pytest.raises(InputError, match=f"over the tokenizer's limit of {MAX_TEXT_CHARS:,}"):
+        ours(["a " * (MAX_TEXT_CHARS // 2 + 1)])
+    with pytest.raises(InputError, match=f"limit of {MAX_WORD_BYTES:,} bytes per word"):
+        ours(["photo of " + "é" * (MAX_WORD_BYTES // 2 + 1)])
+    # a huge word the context never reaches is not merged, so not refused: open_clip's ids stand
+    text = " ".join(["word"] * 100) + " " + "z" * (MAX_WORD_BYTES + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TextTruncatedWarning)
+        got = ours([text])
+    np.testing.assert_array_equal(got, open_clip.get_tokenizer("ViT-B-32")([" ".join(["word"] * 100)]).numpy())
+
+
+def test_hf_tokenizer_bounds_text_size(tmp_path: Path) -> None:
+    """The Hugging Face path (Rust, linear): a 100,000-letter word and 1 MB pass; over the limit is refused."""
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from clipexport.runtime.hf_tokenizer import HFRuntimeTokenizer
+
+    rng = random.Random(0)
+    corpus = [" ".join("".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(1, 9))) for _ in range(50))
+              for _ in range(200)]
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace()
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<unk>"]))
+    core.save(str(tmp_path / "tokenizer.json"))
+    hf = HFRuntimeTokenizer(tmp_path / "tokenizer.json", 77, 0)
+    word = "".join(rng.choice("abcdefghijklmnop") for _ in range(100_000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TextTruncatedWarning)
+        for text in (word, " ".join(corpus * 100)[:1_000_000]):
+            ids = hf([text])
+            assert ids.shape == (1, 77) and (ids != 0).all()
+    with pytest.raises(InputError, match=f"limit of {MAX_TEXT_CHARS:,}"):
+        hf(["a " * (MAX_TEXT_CHARS // 2 + 1)])

@@ -26,7 +26,7 @@ from clipexport.models.architecture import (
     families_of,
 )
 from clipexport.models.hf_text import load_builtin_tokenizer, load_tokenizer, offline_text_cfg, scratch_dir
-from clipexport.models.weights import FILE, RANDOM, TAG, WeightsSpec, parse_pretrained
+from clipexport.models.weights import FILE, RANDOM, TAG, WeightsSpec, checkpoint_read_error, parse_pretrained
 
 LOCAL_DIR = "local-dir:"
 OFFLINE_HINT = (
@@ -366,14 +366,7 @@ def _load_checkpoint(model: Any, weights: WeightsSpec, name: str) -> None:
                 f"checkpoint {path} does not fit {name}: {missing} missing keys, {unexpected} unexpected keys, "
                 f"{mismatched} shape mismatches. Is it a checkpoint of another architecture?"
             ) from None
-        if "Unsupported global" in text:
-            raise WeightsError(
-                f"checkpoint {path} holds pickled objects beyond tensors; clipexport loads weights only "
-                "(no pickled code). Re-save it as a plain state dict or as .safetensors."
-            ) from None
-        # torch wraps any unpickling failure in a long "Weights only load failed" text; keep the cause.
-        cause = text.split("WeightsUnpickler error:", 1)[1].strip() if "WeightsUnpickler error:" in text else text
-        raise WeightsError(f"cannot read checkpoint {path}: {_first_line(RuntimeError(cause))}") from None
+        raise checkpoint_read_error(path, exc) from None
 
 
 def is_torchscript_archive(path: Path) -> bool:

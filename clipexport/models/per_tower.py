@@ -33,6 +33,7 @@ from clipexport.models.architecture import (
     VISION_TRANSFORMER,
     families_of,
 )
+from clipexport.models.weights import checkpoint_read_error, is_pickled_objects_refusal
 
 # Built-in CLIP's text tower: these attributes of the CLIP object (the `attn_mask` buffer is set apart).
 TEXT_ATTRIBUTES = ("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection")
@@ -260,9 +261,11 @@ def _checkpoint_tensors(path: Path | None, wanted: Callable[[str], bool]) -> dic
             return out
         state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure here is about the user's file
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise WeightsError(f"cannot read checkpoint {path} tower by tower: {first}. Large models read "
-                           "state-dict .pt/.bin files (zip format) and .safetensors.") from None
+        if is_pickled_objects_refusal(exc):
+            raise checkpoint_read_error(path, exc) from None
+        error = checkpoint_read_error(path, exc, hint=" tower by tower")
+        raise WeightsError(f"{error}. Large models read state-dict .pt/.bin files (zip format) and "
+                           ".safetensors.") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -58,3 +58,47 @@ def parse_pretrained(pretrained: str, seed: int, known_tags: list[str], model: s
         f"{model}: --pretrained {pretrained!r} is neither a known tag nor an existing checkpoint file. "
         f"Known tags: {tags}. Offline, use --pretrained none or a local checkpoint file."
     )
+
+
+
+# torch's weights_only unpickler refuses anything beyond tensors and plain containers with an
+# UnpicklingError whose wording varies by what the file holds and by torch release (2.14:
+# "Unsupported global: GLOBAL x.Y ...", "Trying to load unsupported GLOBAL os.system whose module os
+# is blocked", "Trying to call reduce for unrecognized function ...", "Can only create new object
+# ..."), and torch wraps every such message in advice to pass weights_only=False: advice we never relay.
+_PICKLED_OBJECT_MARKERS = (
+    "unsupported global",
+    "whose module",
+    "call reduce for unrecognized",
+    "can only create new object",
+    "can only build",
+    "must be imported to load",
+)
+_TORCH_WRAPPER = "weights only load failed"
+
+
+def is_pickled_objects_refusal(exc: BaseException) -> bool:
+    """Whether `exc` is torch's weights_only unpickler refusing an object beyond tensors."""
+    text = str(exc).lower()
+    return any(m in text for m in _PICKLED_OBJECT_MARKERS)
+
+
+def checkpoint_read_error(path: str | Path, exc: BaseException, hint: str = "") -> WeightsError:
+    """One line for a checkpoint torch could not read: ours for pickled objects, else torch's cause
+    without its weights_only=False advice (running a stranger's pickle is never the fix)."""
+    if is_pickled_objects_refusal(exc):
+        return WeightsError(
+            f"checkpoint {path} holds pickled objects beyond tensors; clipexport loads weights only "
+            "(no pickled code). Re-save it as a plain state dict or as .safetensors."
+        )
+    text = str(exc)
+    if _TORCH_WRAPPER in text.lower():
+        # torch 2.14: "Weights only load failed. <advice>\n...WeightsUnpickler error: \n\n<cause><docs>"
+        cause = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text \
+            else text.split("\n\n", 1)[-1]
+        lines = [ln.strip() for ln in cause.splitlines()
+                 if ln.strip() and "weights_only" not in ln and "Weights only load failed" not in ln]
+        first = lines[0] if lines else "not a weights-only checkpoint"
+    else:
+        first = (text.strip().splitlines() or [type(exc).__name__])[0]
+    return WeightsError(f"cannot read checkpoint {path}{hint}: {first[:300]}")

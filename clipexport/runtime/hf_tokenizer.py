@@ -12,8 +12,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from clipexport.errors import ArtifactError
-from clipexport.runtime.tokenizer import TextTruncatedWarning, _clean_whitespace, as_text_list
+from clipexport.errors import ArtifactError, InputError
+from clipexport.runtime.tokenizer import MAX_TEXT_CHARS, TextTruncatedWarning, _clean_whitespace, as_text_list
 
 
 class HFRuntimeTokenizer:
@@ -39,7 +39,14 @@ class HFRuntimeTokenizer:
 
     def __call__(self, texts: str | Sequence[str]) -> np.ndarray:
         """Texts -> int64 [N, context_length]."""
-        cleaned = [_clean_whitespace(t) for t in as_text_list(texts)]
+        items = as_text_list(texts)
+        for text in items:
+            # The fast tokenizer is linear (~1.4 s per MB here) but reads all of a text before
+            # truncating: the same bound as the BPE tokenizer keeps a service's work per text finite.
+            if len(text) > MAX_TEXT_CHARS:
+                raise InputError(f"text of {len(text):,} characters is over the tokenizer's limit of "
+                                 f"{MAX_TEXT_CHARS:,}; only the first {self.context_length} tokens are used anyway")
+        cleaned = [_clean_whitespace(t) for t in items]
         encodings = self._tokenizer.encode_batch(cleaned)
         cut = sum(bool(e.overflowing) for e in encodings)
         if cut:

@@ -14,6 +14,10 @@ Text -> ids in four steps:
 4. merge:   repeatedly merge the adjacent pair that comes first in the vocabulary's merge list,
             all its non-overlapping occurrences left to right, until no listed pair remains.
 
+Work is bounded for untrusted text: merging (step 4) is O(n log n) per word and stops once
+the context is full; a text over MAX_TEXT_CHARS characters, or a kept word over MAX_WORD_BYTES
+UTF-8 bytes, is refused with an InputError (ids are otherwise exactly open_clip's).
+
 Then [SOT] + ids + [EOT], zero-padded to the context length. A text longer than the context
 is cut to `context_length` tokens and its last token replaced by EOT (as open_clip does),
 with a TextTruncatedWarning.
@@ -23,8 +27,8 @@ from __future__ import annotations
 
 import functools
 import gzip
+import heapq
 import html
-import itertools
 import string
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -40,6 +44,14 @@ SOT = "<start_of_text>"
 EOT = "<end_of_text>"
 # Token-id cache per tokenizer: bounded so memory stays flat however many distinct words a service sees.
 WORD_CACHE_SIZE = 1 << 16
+# Work bounds (a service tokenizes untrusted text). BPE stops once the kept tokens are known,
+# so only the words that reach the context are merged, each in O(n log n); what remains is
+# linear: cleaning and splitting read the whole text, and one word's BPE reads the whole word.
+# Longest text accepted, in characters (1 MB of text tokenizes in well under a second):
+MAX_TEXT_CHARS = 2_000_000
+# Longest single word (a run of letters, or of other non-space marks) merged, in UTF-8 bytes:
+# ~1-2 s of BPE here. open_clip's own loop needs ~46 s for 100 KB and grows quadratically.
+MAX_WORD_BYTES = 256 * 1024
 
 
 class TextTruncatedWarning(UserWarning):
@@ -180,42 +192,85 @@ class ClipTokenizer:
 
     # -- text -> ids -------------------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
-        """One text -> its BPE ids, without SOT/EOT and without truncation."""
+    def encode(self, text: str, limit: int | None = None) -> list[int]:
+        """One text -> its BPE ids, without SOT/EOT.
+
+        With `limit`, words are tokenized only until `limit` ids are known: the ids returned are
+        then the first `limit` (or more) of the full result, and the rest of the text costs no BPE
+        work (truncation keeps only the first ids, so a huge text costs what its kept part costs).
+        """
+        if len(text) > MAX_TEXT_CHARS:
+            raise InputError(f"text of {len(text):,} characters is over the tokenizer's limit of "
+                             f"{MAX_TEXT_CHARS:,}; only the first {self.context_length} tokens are used anyway")
         ids: list[int] = []
-        for piece in self._pattern.findall(self._clean(text)):
+        for match in self._pattern.finditer(self._clean(text)):
+            if limit is not None and len(ids) >= limit:
+                break
+            piece = match.group()
             special = self._special_ids.get(piece)
             if special is not None:
                 ids.append(special)
                 continue
-            word = "".join(self._byte_chars[b] for b in piece.encode("utf-8"))
+            data = piece.encode("utf-8")
+            if len(data) > MAX_WORD_BYTES:
+                raise InputError(f"text has a word of {len(data):,} bytes without spaces, over the tokenizer's "
+                                 f"limit of {MAX_WORD_BYTES:,} bytes per word")
+            word = "".join(self._byte_chars[b] for b in data)
             ids.extend(self._word_ids(word))
         return ids
 
     def _merge_word(self, word: str) -> tuple[int, ...]:
-        parts = list(word[:-1]) + [word[-1] + END_OF_WORD]
+        """BPE of one word (its byte characters): the ids of its parts once no listed pair remains.
+
+        The classic loop (find the lowest-ranked adjacent pair, merge all its non-overlapping
+        occurrences left to right, repeat) is quadratic: a 100,000-character word took 46 s.
+        This does the same rounds with a heap of (rank, position) over adjacent pairs in a linked
+        list, O(n log n): each round takes every queued pair of the lowest rank, merges them in
+        position order (skipping any whose left or right part was already consumed this round,
+        exactly the classic left-to-right scan), and only then queues the pairs the merges created.
+        """
+        parts = list(word[:-1]) + [word[-1] + END_OF_WORD]  # "" marks a part merged into its left
+        n = len(parts)
         ranks = self._ranks
-        while len(parts) > 1:
-            best_rank = len(ranks)
-            best: tuple[str, str] | None = None
-            for pair in itertools.pairwise(parts):
-                rank = ranks.get(pair)
-                if rank is not None and rank < best_rank:
-                    best_rank, best = rank, pair
-            if best is None:
-                break
-            first, second = best
-            merged: list[str] = []
-            i = 0
-            while i < len(parts):
-                if i + 1 < len(parts) and parts[i] == first and parts[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
-        return tuple(self._ids[p] for p in parts)
+        nxt = list(range(1, n + 1))  # n = end
+        prv = list(range(-1, n - 1))
+        heap: list[tuple[int, int, str, str]] = []
+        for i in range(n - 1):
+            a, b = parts[i], parts[i + 1]
+            rank = ranks.get((a, b))
+            if rank is not None:
+                heap.append((rank, i, a, b))
+        heapq.heapify(heap)
+        while heap:
+            rank = heap[0][0]
+            round_: list[tuple[int, int, str, str]] = []
+            while heap and heap[0][0] == rank:
+                round_.append(heapq.heappop(heap))
+            created: list[int] = []
+            for _, i, a, b in round_:  # popped in position order: (rank, position) is the heap key
+                j = nxt[i]
+                if parts[i] != a or j >= n or parts[j] != b:
+                    continue  # stale: a part of this pair was merged into something else
+                parts[i] = a + b
+                parts[j] = ""
+                nxt[i] = nxt[j]
+                if nxt[j] < n:
+                    prv[nxt[j]] = i
+                created.append(i)
+            for i in created:
+                if not parts[i]:
+                    continue
+                for left in (prv[i], i):
+                    if left < 0:
+                        continue
+                    right = nxt[left]
+                    if right >= n or not parts[left]:
+                        continue
+                    pair = (parts[left], parts[right])
+                    new_rank = ranks.get(pair)
+                    if new_rank is not None:
+                        heapq.heappush(heap, (new_rank, left, pair[0], pair[1]))
+        return tuple(self._ids[p] for p in parts if p)
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> np.ndarray:
         """texts (one string or a sequence) -> int64 [N, context_length], zero-padded."""
@@ -226,7 +281,8 @@ class ClipTokenizer:
         out = np.zeros((len(items), length), dtype=np.int64)
         truncated = 0
         for row, text in enumerate(items):
-            ids = [self.sot_token_id, *self.encode(text), self.eot_token_id]
+            # length - 1 ids are enough to know the text is cut and what is kept of it.
+            ids = [self.sot_token_id, *self.encode(text, limit=length - 1), self.eot_token_id]
             if len(ids) > length:
                 truncated += 1
                 ids = ids[:length]
