@@ -11,10 +11,13 @@ and report the worst row over all batch sizes.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import signal
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -271,6 +274,21 @@ def _serve(path: str, input_name: str, conn: Any) -> None:
             conn.send(("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"))
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while a child is started: an ignored signal stays ignored across exec, and
+    Python then installs no KeyboardInterrupt handler in the child. A Ctrl-C (which the terminal
+    sends to the whole process group) would otherwise print the child's traceback too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class IsolatedOnnxRuntimeCandidate:
     """An ONNX file run on ONNX Runtime (CPU) in a child process.
 
@@ -286,7 +304,8 @@ class IsolatedOnnxRuntimeCandidate:
         self.path = path
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(str(path), input_name, child), daemon=True)
-        self._proc.start()
+        with _sigint_ignored():  # the child starts with Ctrl-C ignored: the parent owns the interruption
+            self._proc.start()
         child.close()
         self._expect("load")
 

@@ -173,6 +173,7 @@ def run_passes(
         model = candidate
         after = count_nodes(model)
         detail = "; ".join(cfg.notes[notes_before:])
-        records.append(PassRecord(graph_pass.name, "applied", before, after, time.perf_counter() - start, detail))
-        log(f"{graph_pass.name}: {before} -> {after} nodes" + (f" ({detail})" if detail else ""))
+        seconds = time.perf_counter() - start
+        records.append(PassRecord(graph_pass.name, "applied", before, after, seconds, detail))
+        log(f"{graph_pass.name}: {before} -> {after} nodes in {seconds:.1f}s" + (f" ({detail})" if detail else ""))
     return model, records
