@@ -73,10 +73,14 @@ def cli() -> None:
 @click.option("--bf16", "flag_bf16", is_flag=True, help="Same as --precision bf16.")
 @click.option("--int8", "flag_int8", is_flag=True, help="Same as --precision int8.")
 @click.option("--fp8", "flag_fp8", is_flag=True, help="Same as --precision fp8.")
-@click.option("--batch", metavar="MIN:OPT:MAX", help="Dynamic batch range, e.g. 1:8:64. Default: the recipe's.")
+@click.option("--batch", metavar="MIN:OPT:MAX",
+              help="Dynamic batch range, e.g. 1:8:64 (MAX at most 1024: parity runs at MIN and MAX). MIN == MAX "
+                   "(e.g. 4:4:4) builds a graph fixed at that batch. Default: the recipe's.")
 @click.option("--out", type=click.Path(path_type=Path), metavar="DIR",
               help="Output directory. Default: engines/<MODEL>-<pretrained>-<precision>.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists (only after the new build passed).")
+@click.option("--force", is_flag=True,
+              help="Replace --out if it is an earlier artifact or empty (never a directory holding other files), "
+                   "and only after the new build passed.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the random weights and of the parity inputs.")
 @click.option("--no-simplify", is_flag=True, help="Skip the simplification pass.")
