@@ -126,7 +126,7 @@ def measure_model(model: str, artifacts: dict[str, Path], device: str, batches: 
     import onnxruntime as ort
     import torch
 
-    from clipexport.artifacts import read_manifest
+    from clipexport.manifest import read_manifest
     from clipexport.bench import _flops_per_item, _prompts, time_runner
     from clipexport.models import load_reference
 

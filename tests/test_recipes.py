@@ -35,7 +35,7 @@ def test_recipes_load_with_fp32_tolerance_of_the_issue():
             assert recipe.tolerance(low).cosine_min >= 0.99 and recipe.tolerance(low).top1_agreement_min >= 0.9
         # timm and transformers' CLIPModel towers export attention unfused; open_clip's blocks and the
         # Hugging Face text encoders (SDPA) fuse into one ONNX Attention node per block
-        assert recipe.opset >= 23 and recipe.attention == ("none" if recipe.name in ("timm", "hf_clip", "hf_tokenizer_text") else "onnx")
+        assert recipe.opset >= 23 and recipe.attention == ("none" if recipe.name in ("timm", "hf_tokenizer_text") else "onnx")
         # Trimming needs the causal CLIP text tower with argmax pooling, or a Hugging Face encoder
         # with its padding mask; CLIPModel and the 'last'/'eos'-pooled towers keep a fixed context
         fixed = ("hf_clip", "hf_tokenizer_text", "coca")
