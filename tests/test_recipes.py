@@ -33,12 +33,12 @@ def test_recipes_load_with_fp32_tolerance_of_the_issue():
         assert recipe.tolerance("fp16").cosine_min >= 0.999 and recipe.tolerance("bf16").cosine_min >= 0.999
         for low in ("int8", "fp8"):
             assert recipe.tolerance(low).cosine_min >= 0.99 and recipe.tolerance(low).top1_agreement_min >= 0.9
-        # timm and transformers' CLIPModel towers export attention unfused; open_clip's blocks and the
+        # timm towers export attention unfused; open_clip's blocks, transformers' CLIPModel and the
         # Hugging Face text encoders (SDPA) fuse into one ONNX Attention node per block
         assert recipe.opset >= 23 and recipe.attention == ("none" if recipe.name in ("timm", "hf_tokenizer_text") else "onnx")
-        # Trimming needs the causal CLIP text tower with argmax pooling, or a Hugging Face encoder
-        # with its padding mask; CLIPModel and the 'last'/'eos'-pooled towers keep a fixed context
-        fixed = ("hf_clip", "hf_tokenizer_text", "coca")
+        # Trimming needs a causal CLIP text tower pooled at EOT (open_clip's, or CLIPModel's), or a
+        # Hugging Face encoder with its padding mask; the 'last'/'eos'-pooled towers keep a fixed context
+        fixed = ("hf_tokenizer_text", "coca")
         assert recipe.towers["text"].dynamic_sequence == (recipe.name not in fixed)
         assert not recipe.towers["image"].dynamic_sequence
         assert "LayerNormalization" in recipe.precision.keep_fp32_ops and "Softmax" in recipe.precision.keep_fp32_ops
