@@ -142,7 +142,8 @@ def plan_build(options: BuildOptions) -> _Plan:
                          f"Use a range such as 1:{batch.max}:{batch.max}")
     weights = parse_pretrained(options.pretrained or default_pretrained(name), options.seed, known_tags(name), name)
     out = options.out or default_out_dir(name, weights.label, options.precision)
-    check_out_dir(out, options.force)
+    if options.out is None:  # a given --out was checked first thing, above
+        check_out_dir(out, options.force)
     if engines is None:  # auto: looking for a GPU imports torch, so only now
         engines = resolve_backend(options.backend)
     parameters = _parameters(name, cfg)
